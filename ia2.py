@@ -93,7 +93,7 @@ class Config:
     rank: int = arg(8, "LoRA rank r on q_proj, k_proj, o_proj (paper: 8; alpha = rank, scale 1)")
     seed: int = arg(0, "run r uses seed seed+r for its split, demo order, LoRA init and shuffles (paper: r)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu; bf16 base on cuda, fp32 elsewhere")
-    out: str = arg(None, "output folder (default runs/<task>-<model>-n<N>-<time>)")
+    out: str = arg(None, "output folder; unset: runs/<task>-<model>-n<N>-<time>")
 
 
 def parse_args(argv=None) -> Config:
@@ -173,19 +173,15 @@ def load_data(cfg: Config, task: dict, n_labels: int):
                            "use --data FILE for a local copy")
         text, ev = task["text"], ev.select(range(min(cfg.eval_size, len(ev))))
     pool = pool.select(range(min(cfg.pool_size, len(pool))))
-    return _rows(pool, text, n_labels, cfg), _rows(ev, text, n_labels, cfg)
+    return _rows(pool, text, n_labels), _rows(ev, text, n_labels)
 
 
-def _rows(ds, text: str, n_labels: int, cfg: Config):
-    rows = []
-    for t, y in zip(ds[text], ds["label"]):
-        try:
-            y = int(y)
-            assert 0 <= y < n_labels and isinstance(t, str)
-        except (ValueError, TypeError, AssertionError):
+def _rows(ds, text: str, n_labels: int):
+    rows = list(zip(ds[text], ds["label"]))
+    for t, y in rows:
+        if not (isinstance(t, str) and isinstance(y, int) and 0 <= y < n_labels):
             raise IA2Error(f"bad row (text={str(t)[:40]!r}, label={y!r}): labels must be integers in "
-                           f"0..{n_labels - 1} (one per label string) and text a string")
-        rows.append((t, y))
+                           f"0..{n_labels - 1}, one per label string, and text a string")
     return rows
 
 

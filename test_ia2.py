@@ -299,6 +299,7 @@ def test_saved_adapter_loads_in_peft(tiny):
     (["--model", "/no/such/model"], "cannot load model"),
     (["--data", "/no/such.csv"], "data file not found"),
     (["--data", "BADCOLS"], "needs columns 'text' and 'label'"),
+    (["--data", "BADLABEL"], "labels must be integers in 0..1"),
     (["--labels", "0", "zqxv"], "label 'zqxv' is"),
     (["--n-train", "60"], "needs 149 pool examples"),
     (["--device", "cuda"], "no CUDA"),
@@ -306,9 +307,9 @@ def test_saved_adapter_loads_in_peft(tiny):
 def test_bad_input_one_line_and_nothing_written(tiny, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    if "BADCOLS" in args:
-        bad = tiny["root"] / "bad.csv"
-        bad.write_text("sentence,y\nhello,1\n")
+    if "BADCOLS" in args or "BADLABEL" in args:
+        bad = tiny["root"] / f"{args[1]}.csv"
+        bad.write_text("sentence,y\nhello,1\n" if "BADCOLS" in args else "text,label\nhello,1\nbye,pos\n")
         args = ["--data", str(bad)]
     out = tiny["root"] / "bad-out"
     with pytest.raises(SystemExit) as e:
