@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm  # installed with transformers and datasets
 
 METHODS = ("zero_shot", "icl", "sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft")
 TRAINED = ("sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft")
@@ -249,7 +250,7 @@ class LoRALinear(nn.Module):
 def add_lora(model, targets=("q_proj", "k_proj", "o_proj"), r=8, alpha=8):
     """Freeze the model and wrap every targeted nn.Linear in a LoRALinear."""
     model.requires_grad_(False)
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for t in targets:
             if isinstance(getattr(module, t, None), nn.Linear):
                 setattr(module, t, LoRALinear(getattr(module, t), r, alpha))
@@ -286,7 +287,7 @@ def lora_disabled(model):
             m.enabled = True
 
 
-def save_adapter(model, folder: str, cfg: Config, base: str):
+def save_adapter(model, folder: str, cfg: Config):
     """PEFT layout, so that peft.PeftModel.from_pretrained(base_model, folder) loads it."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
@@ -295,7 +296,7 @@ def save_adapter(model, folder: str, cfg: Config, base: str):
         tensors[f"base_model.model.{n}.lora_A.weight"] = m.A.detach().cpu().contiguous()
         tensors[f"base_model.model.{n}.lora_B.weight"] = m.B.detach().cpu().contiguous()
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-    conf = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=cfg.rank,
+    conf = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=cfg.model, r=cfg.rank,
                 lora_alpha=cfg.rank, lora_dropout=0.0, bias="none", fan_in_fan_out=False,
                 target_modules=["q_proj", "k_proj", "o_proj"], init_lora_weights=True, inference_mode=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
@@ -462,7 +463,7 @@ def predict(model, seqs: list, label_ids: list, bs: int = 32):
     Prompts are sorted by length so that batches carry little padding."""
     top_p, top_id, label_p = [None] * len(seqs), [None] * len(seqs), [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for k in range(0, len(order), bs):
+    for k in tqdm(range(0, len(order), bs), desc="eval", leave=False, disable=None):  # bar on a terminal only
         idx = order[k:k + bs]
         probs = forward(model, [seqs[i] for i in idx])[0].softmax(-1)
         p, ids = probs.topk(10, dim=-1)
@@ -613,7 +614,7 @@ def one_run(cfg: Config, E: dict, r: int, records: dict, timing: dict, tmp: str)
             records[m].setdefault(lr, []).append(rec)
             timing[f"eval/{m}"] += time.time() - tick
             print(f"[{tag}] acc {rec['accuracy']:.1f} | ece {rec['ece']:.3f} | best dev {best:.4f} | {steps} steps")
-            save_adapter(model, os.path.join(tmp, "adapters", m, f"lr{lr:g}", f"run{r}"), cfg, cfg.model)
+            save_adapter(model, os.path.join(tmp, "adapters", m, f"lr{lr:g}", f"run{r}"), cfg)
 
 
 def summarize(records: dict) -> dict:

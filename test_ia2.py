@@ -125,6 +125,37 @@ def test_hooks_equal_manual_computation_and_are_removed(model):
     assert [len(layer.self_attn._forward_hooks) for layer in m.model.layers] == n_hooks
 
 
+ARCHS = {  # tiny random configs of the model families ia2.py must support
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(sliding_window=4, final_logit_softcapping=3.0)),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hooks_and_forward_on_other_families(arch):
+    import transformers
+    conf_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(0)
+    config = getattr(transformers, conf_cls)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, **extra)
+    m = getattr(transformers, model_cls)(config).eval()
+    ids = torch.randint(0, 64, (1, 9))
+    with ia2.capture_activations(m) as acts:
+        out = m(ids, output_hidden_states=True)
+    h, a, layer = out.hidden_states[0], acts[0], m.model.layers[0]
+    if arch == "gemma3":  # Gemma normalises the attention output before the residual add
+        mid = h + layer.post_attention_layernorm(a)
+        ref = mid + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(mid)))
+    else:
+        mid = h + a
+        ref = mid + layer.mlp(layer.post_attention_layernorm(mid))
+    torch.testing.assert_close(out.hidden_states[1], ref)
+    logits, last = ia2.forward(m, [ids[0].tolist(), ids[0, :5].tolist()], capture=True)
+    torch.testing.assert_close(logits[0], out.logits[0, -1])  # final-logit soft-capping included
+    torch.testing.assert_close(last[0], torch.stack([x[0, -1] for x in acts]))
+
+
 def test_forward_matches_full_logits_and_padding_changes_nothing(model):
     tok, m = model
     seqs = [it["x"] for it in items(tok)]
@@ -224,6 +255,24 @@ def test_metrics_top1_label_accuracy_and_renormalised_confidence(model):
 
 # -----------------------------------------------------------------------------
 # the few-shot protocol
+
+
+def test_hub_task_loader_reads_its_columns(monkeypatch):
+    """--task sst2 without --data: stanfordnlp/sst2, train -> pool, validation -> eval (faked locally)."""
+    import datasets
+    fake = {"train": 30, "validation": 12}
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_dict({"idx": list(range(fake[split])), "label": [i % 2 for i in range(fake[split])],
+                                           "sentence": [f"{split} sentence {i} " for i in range(fake[split])]})
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    pool, ev = ia2.load_data(ia2.Config(eval_size=10, pool_size=25), ia2.TASKS["sst2"], 2)
+    assert calls == [("stanfordnlp/sst2", "train"), ("stanfordnlp/sst2", "validation")]
+    assert len(pool) == 25 and len(ev) == 10
+    assert all(t.startswith("train") for t, _ in pool) and all(t.startswith("validation") for t, _ in ev)
+    assert all(int(t.split()[2]) % 2 == y for t, y in pool + ev)  # text and label stay paired through the shuffle
 
 
 def test_few_shot_protocol(model):
