@@ -214,15 +214,17 @@ def test_ia2_loss_known_answers():
     torch.testing.assert_close(ia2.ia2_loss(s, t), per_layer)
 
 
-def test_best_dev_checkpoint_is_restored(model):
+def test_best_dev_checkpoint_is_restored(model, capsys):
     tok, m = model
     ia2.add_lora(m)
     tr, dv = items(tok), items(tok, 2, 1)
     cfg = ia2.Config(n_train=4, epochs=30, patience=3)
     best, steps = ia2.train(m, "sft", tr, dv, [10, 11], cfg, 3e-1, 0, "t")  # a high lr overshoots
+    devs = [float(line.split("dev ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "| dev" in line]
+    assert len(devs) == 3 + devs.index(min(devs)) + 1  # stopped `patience` checks after the best
+    assert devs[-1] > min(devs) and best == pytest.approx(min(devs), abs=1e-4)
+    # the adapter left in the model is the best one, not the last one
     assert ia2.dev_loss(m, "sft", dv, [10, 11], cfg) == pytest.approx(best, abs=1e-6)
-    # and the last adapter was worse: training went on past the best
-    assert steps > 3
 
 
 def test_ece_known_answers():
