@@ -39,6 +39,7 @@ But (deviations from the official code, details in README.md):
   - single-token tasks only (T=1); labels must be one token each.
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -412,9 +413,8 @@ def objective_loss(model, objective: str, batch: list, label_ids: list, beta: fl
 @torch.no_grad()
 def dev_loss(model, objective, dev, label_ids, cfg):
     bs = min(cfg.batch_size, cfg.n_train)
-    losses = [objective_loss(model, objective, dev[i:i + bs], label_ids, cfg.beta).item() * len(dev[i:i + bs])
-              for i in range(0, len(dev), bs)]
-    return sum(losses) / len(dev)
+    batches = [dev[i:i + bs] for i in range(0, len(dev), bs)]
+    return sum(objective_loss(model, objective, b, label_ids, cfg.beta).item() * len(b) for b in batches) / len(dev)
 
 
 def train(model, objective: str, train_set: list, dev: list, label_ids: list, cfg: Config, lr: float,
@@ -659,9 +659,7 @@ def run_experiment(cfg: Config) -> dict:
     out, tmp = E["out"], E["out"] + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     records = {m: {} for m in cfg.methods}
-    timing = dict.fromkeys(["load", "teacher"], 0.0)
-    timing["load"] = time.time() - t0
-    timing.update({f"{p}/{m}": 0.0 for m in cfg.methods for p in ("train", "eval") if m in TRAINED or p == "eval"})
+    timing = collections.defaultdict(float, load=time.time() - t0)  # seconds per phase, summed over runs
     try:
         if "zero_shot" in cfg.methods:
             tick = time.time()
