@@ -304,6 +304,17 @@ def save_adapter(model, folder: str, cfg: Config):
         json.dump(conf, f, indent=2)
 
 
+def load_adapter(model, folder: str):
+    """The inverse of save_adapter: copy a saved adapter into the model's LoRALinear modules."""
+    from safetensors.torch import load_file
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        raise IA2Error(f"no adapter at {path}")
+    t = load_file(path)
+    load_lora_state(model, {n: (t[f"base_model.model.{n}.lora_A.weight"], t[f"base_model.model.{n}.lora_B.weight"])
+                            for n in lora_modules(model)})
+
+
 # -----------------------------------------------------------------------------
 # 3. Activation capture: the self-attention output of every decoder layer (§2)
 
@@ -503,12 +514,16 @@ def metrics(pred, gold: np.ndarray, tok, labels: list) -> dict:
     label string. Label accuracy: the true label's token is the most probable label token.
     ECE: the paper's (top-1 renormalised over the top 10, equal mass) and the equal-width one."""
     top_p, top_id, label_p = pred
-    words = [tok.decode([int(i)]).strip() for i in top_id[:, 0]]
-    correct = np.array([w == labels[g].strip() for w, g in zip(words, gold)], dtype=float)
+    correct = top1_correct(top_id, gold, tok, labels)
     return dict(accuracy=100 * correct.mean(),
                 label_accuracy=100 * (label_p[np.arange(len(gold)), gold] >= label_p.max(-1)).mean(),
                 ece=ece(top_p[:, 0] / top_p.sum(-1), correct),
                 ece_equal_width=ece_equal_width(top_p[:, 0], correct))
+
+
+def top1_correct(top_id: np.ndarray, gold: np.ndarray, tok, labels: list) -> np.ndarray:
+    words = [tok.decode([int(i)]).strip() for i in top_id[:, 0]]
+    return np.array([w == labels[g].strip() for w, g in zip(words, gold)], dtype=float)
 
 
 # -----------------------------------------------------------------------------
@@ -556,10 +571,6 @@ def setup(cfg: Config) -> dict:
         raise IA2Error("need --n-train >= 2 (one training example plus its demos), --runs >= 1, --eval-size >= 1")
     if min(cfg.lr) <= 0 or not 0 <= cfg.beta <= 1:
         raise IA2Error("need --lr > 0 and 0 <= --beta <= 1")
-    out = cfg.out or os.path.join("runs", f"{cfg.task}-{os.path.basename(cfg.model.rstrip('/'))}-n{cfg.n_train}"
-                                          f"-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.exists(out):
-        raise IA2Error(f"output folder {out} exists; choose another --out")
     task = TASKS[cfg.task]
     labels = cfg.labels or task["labels"]
     device, dtype = pick_device(cfg.device)
@@ -572,7 +583,7 @@ def setup(cfg: Config) -> dict:
                        f"demos), the data has {len(pool)}")
     add_lora(model, r=cfg.rank, alpha=cfg.rank)
     queries = [encode(tok, make_prompt(task["template"], t)) for t, _ in eval_set]
-    return dict(out=out, task=task, labels=labels, tok=tok, model=model, label_ids=label_ids, pool=pool,
+    return dict(task=task, labels=labels, tok=tok, model=model, label_ids=label_ids, pool=pool,
                 eval_set=eval_set, queries=queries, gold=np.array([y for _, y in eval_set]))
 
 
@@ -655,8 +666,11 @@ def table(results: dict) -> str:
 
 def run_experiment(cfg: Config) -> dict:
     t0 = time.time()
-    E = setup(cfg)
-    out, tmp = E["out"], E["out"] + ".partial"
+    out = cfg.out or os.path.join("runs", f"{cfg.task}-{os.path.basename(cfg.model.rstrip('/'))}-n{cfg.n_train}"
+                                          f"-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(out):
+        raise IA2Error(f"output folder {out} exists; choose another --out")
+    E, tmp = setup(cfg), out + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     records = {m: {} for m in cfg.methods}
     timing = collections.defaultdict(float, load=time.time() - t0)  # seconds per phase, summed over runs

@@ -389,3 +389,80 @@ def test_cli_flags_parse():
     cfg = ia2.parse_args(["--lr", "1e-3", "--labels", " negative", " positive", "--n-train", "8"])
     assert cfg.lr == [1e-3] and cfg.labels == [" negative", " positive"] and cfg.n_train == 8
     assert ia2.parse_args([]).lr == (1e-4, 3e-4, 1e-3)  # the paper's grid by default
+
+
+# -----------------------------------------------------------------------------
+# eval.py: asim, subspace overlap, reliability bins, the report
+
+
+def test_asim_known_answers_and_a_model_with_itself(model):
+    import eval as ev
+    a = torch.tensor([[[1.0, 0.0], [2.0, 2.0]]])  # (L=1, R=2, D=2)
+    b = torch.tensor([[[1.0, 1.0], [-1.0, -1.0]]])
+    assert torch.allclose(ev.asim(a, b), torch.tensor([[2 ** -0.5, -1.0]]))
+    assert torch.allclose(ev.asim(a, 3 * a), torch.ones(1, 2))  # scale does not matter, only direction
+    tok, m = model
+    ia2.add_lora(m)
+    seqs = [it["x"] for it in items(tok, 5)]
+    with torch.no_grad():
+        for mod in ia2.lora_modules(m).values():
+            mod.B.normal_()  # a non-trivial adapter: still the same model on both sides
+    acts = ev.activations(m, seqs, bs=2)
+    assert acts.shape == (5, 2, 32)
+    assert torch.allclose(ev.asim(acts, ev.activations(m, seqs, bs=5)), torch.ones(5, 2), atol=1e-5)
+    with ia2.lora_disabled(m):
+        assert ev.asim(acts, ev.activations(m, seqs)).mean() < 0.999  # and the base model is another one
+
+
+def test_subspace_overlap_identical_orthogonal_and_against_full_svd():
+    import eval as ev
+    torch.manual_seed(0)
+    A, B = torch.randn(4, 20), torch.randn(30, 4)
+    U = ev.lora_basis(A, B)
+    U_full = torch.linalg.svd((B @ A).double())[0][:, :4]  # the definition: SVD of ΔW itself
+    assert torch.allclose(U @ U.T, U_full @ U_full.T, atol=1e-8)  # the same subspace
+    assert ev.overlap(U, U) == pytest.approx(1.0)
+    assert ev.overlap(U, ev.lora_basis(torch.randn(4, 20), B @ torch.randn(4, 4))) == pytest.approx(1.0)  # same span
+    B1, B2 = torch.zeros(30, 4), torch.zeros(30, 4)
+    B1[:4], B2[4:8] = torch.randn(4, 4), torch.randn(4, 4)  # columns in orthogonal coordinate blocks
+    assert ev.overlap(ev.lora_basis(A, B1), ev.lora_basis(A, B2)) == pytest.approx(0.0, abs=1e-12)
+    half = torch.cat([B1[:, :2], B2[:, :2]], 1)  # shares 2 of 4 directions with B1
+    assert ev.overlap(ev.lora_basis(A, B1), ev.lora_basis(A, half)) == pytest.approx(0.5)
+
+
+def test_reliability_bins_are_the_ece_bins():
+    import eval as ev
+    rng = np.random.RandomState(0)
+    conf, correct = rng.rand(500), (rng.rand(500) < 0.7).astype(float)
+    bins = ev.reliability(conf, correct)
+    assert [b[4] for b in bins] == [33] * 14 + [38]
+    assert all(lo <= mean <= hi for lo, mean, hi, _, _ in bins)
+    assert sum(n / 500 * abs(acc - mean) for _, mean, _, acc, n in bins) == pytest.approx(ia2.ece(conf, correct))
+
+
+def test_eval_end_to_end_report_figures_and_sweep(tiny):
+    pytest.importorskip("matplotlib")
+    folders = []
+    for n in (2, 4):
+        p = cli(tiny, "--n-train", str(n), "--runs", "2", "--eval-size", "12", "--epochs", "2", "--lr", "1e-3",
+                out=f"ev-n{n}")
+        assert p.returncode == 0, p.stderr
+        folders.append(str(tiny["root"] / f"ev-n{n}"))
+    cmd = [sys.executable, os.path.join(HERE, "eval.py"), *folders, "--out", str(tiny["root"] / "sweep"),
+           "--asim-examples", "5"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tiny["root"], timeout=600)
+    assert p.returncode == 0, p.stderr
+    for f in folders:
+        a = json.loads(open(os.path.join(f, "analysis.json")).read())
+        assert a["max_abs_diff_vs_results_json"] < 1e-6  # saved adapters reload to the same predictions
+        assert set(a["methods"]) == set(ia2.METHODS) and a["asim_examples"] == 5
+        assert len(a["methods"]["ia2"]["runs"]) == 2 and len(a["methods"]["ia2"]["runs"][0]["asim_layers"]) == 2
+        assert a["overlap"]["sft"]["sft"] == pytest.approx(1.0)
+        assert "| ia2_then_sft |" in open(os.path.join(f, "report.md")).read()
+        for png in ("asim.png", "reliability.png"):
+            assert open(os.path.join(f, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "N=2 | N=4" in (tiny["root"] / "sweep" / "sweep.md").read_text()
+    assert (tiny["root"] / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(tiny["root"] / "nothing")],
+                       capture_output=True, text=True, cwd=tiny["root"])
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not a finished ia2.py run folder" in p.stderr

@@ -1,0 +1,378 @@
+"""The paper's analyses of a run folder written by ia2.py.
+
+    python eval.py runs/sst2                  # report.md, asim.png, reliability.png in runs/sst2/
+    python eval.py runs/n2 runs/n4 runs/n8    # each folder as above, then sweep.md and sweep.png
+
+For every run and method (at the lr ia2.py selected) it reloads the base model and the saved
+adapter, and measures, following the paper:
+  - accuracy, label accuracy and both ECEs on the eval set, re-evaluated, checked against results.json;
+  - asim (§2, Fig. 2): token-wise cosine similarity between the self-attention outputs of the adapted
+    model reading the query alone and of the base model reading the query after N-1 demos, per
+    layer, on the first 100 eval examples;
+  - reliability diagrams (§5) over the equal-mass bins of the paper's ECE;
+  - the LoRA subspace overlap between methods (§5.2, Fig. 4).
+Several folders (e.g. the same model and task at N = 2, 4, 8, 16) also give accuracy, ECE and asim
+against N. The numbers of each folder are kept in its analysis.json; a later call reuses them
+(delete the file to recompute). Figures need matplotlib (pip install matplotlib); ia2.py does not.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import ia2
+
+# The paper's SST2 numbers (spec §10): accuracy % / ECE, Qwen3-4B-Base at N=4, Llama-3.2-1B at N=8
+# (Tables 1, 9, 12, 13), and the mean asim with ICL of Fig. 2.
+PAPER_SST2 = {
+    "icl": ("85.4 (0.4) / .13", "77.0 (2.2) / .10"),
+    "sft": ("65.2 (10.7) / .22", "53.5 (5.0) / .34"),
+    "sft_icl": ("62.3 (12.6) / .34", "52.3 (4.3) / .38"),
+    "ia2": ("82.7 (6.4) / .28", "64.9 (15.3) / .30"),
+    "ia2_then_sft": ("90.4 (2.3) / .06", "90.4 (1.3) / .09"),
+    "ia2_plus_sft": ("76.8 (14.3) / .27", "66.9 (18.4) / .28"),
+}
+PAPER_ASIM = {"sft": (0.52, 0.61, 0.50), "ia2": (0.80, 0.91, 0.88), "ia2_then_sft": (0.67, 0.83, 0.70)}
+METRICS = ia2.METRICS + ("asim",)
+
+
+# -----------------------------------------------------------------------------
+# the measures: asim, subspace overlap, reliability bins
+
+
+def asim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Token-wise cosine similarity of two (..., D) activation tensors, e.g. (L, R, D) -> (L, R)."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+@torch.no_grad()
+def activations(model, seqs: list, bs: int = 16) -> torch.Tensor:
+    """Self-attention outputs of every layer at each prompt's last token: (n, L, D), fp32 on the CPU.
+    With T=1 the answer position of the paper is this one, for the student and for the ICL teacher."""
+    return torch.cat([ia2.forward(model, seqs[i:i + bs], capture=True)[1].float().cpu()
+                      for i in range(0, len(seqs), bs)])
+
+
+def lora_basis(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The top-r left singular vectors of ΔW = (α/r)·B·A (d_out, r). ΔW = B·Aᵀᵀ; with Aᵀ = Q·R (thin
+    QR), ΔW = (B·Rᵀ)·Qᵀ and Q has orthonormal columns, so the left singular vectors of ΔW are
+    those of the small (d_out, r) matrix B·Rᵀ; the scale α/r does not change them."""
+    _, R = torch.linalg.qr(A.double().T)
+    U, _, _ = torch.linalg.svd(B.double() @ R.T, full_matrices=False)
+    return U
+
+
+def overlap(U1: torch.Tensor, U2: torch.Tensor) -> float:
+    """(1/r)·‖U1ᵀU2‖_F²: 1 for the same subspace, 0 for orthogonal ones (§5.2)."""
+    return float((U1.T @ U2).pow(2).sum() / U1.shape[1])
+
+
+def adapter_overlap(folder1: str, folder2: str) -> float:
+    """Mean overlap over the adapted matrices (q, k, o of every layer) of two saved adapters."""
+    from safetensors.torch import load_file
+    t1, t2 = (load_file(os.path.join(f, "adapter_model.safetensors")) for f in (folder1, folder2))
+    names = [k[:-len(".lora_A.weight")] for k in t1 if k.endswith(".lora_A.weight")]
+    basis = lambda t, n: lora_basis(t[n + ".lora_A.weight"], t[n + ".lora_B.weight"])
+    return float(np.mean([overlap(basis(t1, n), basis(t2, n)) for n in names]))
+
+
+def reliability(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> list:
+    """Per equal-mass bin of the paper's ECE: (lowest, mean, highest confidence, accuracy, count)."""
+    return [(float(conf[b].min()), float(conf[b].mean()), float(conf[b].max()), float(correct[b].mean()), len(b))
+            for b in ia2.equal_mass_bins(conf, n_bins)]
+
+
+# -----------------------------------------------------------------------------
+# one run folder: re-evaluate every method, measure asim and overlap
+
+
+def load_folder(folder: str):
+    for f in ("config.json", "results.json"):
+        if not os.path.isfile(os.path.join(folder, f)):
+            raise ia2.IA2Error(f"{folder} is not a finished ia2.py run folder (no {f})")
+    with open(os.path.join(folder, "config.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(folder, "results.json")) as f:
+        results = json.load(f)["methods"]
+    return meta, results
+
+
+def adapter_folder(folder: str, results: dict, method: str, run: int) -> str:
+    return os.path.join(folder, "adapters", method, f"lr{results[method]['lr']:g}", f"run{run}")
+
+
+def analyse(folder: str, device: str, n_asim: int) -> dict:
+    """Everything measured on one run folder, as a JSON-able dict (saved as analysis.json)."""
+    meta, results = load_folder(folder)
+    cfg = ia2.Config(**{**meta["config"], "device": device})
+    E = ia2.setup(cfg)
+    model, tok, k = E["model"], E["tok"], min(n_asim, len(E["queries"]))
+    evaluate = lambda seqs: ia2.predict(model, seqs, E["label_ids"])
+    out = dict(model=cfg.model, task=cfg.task, data=cfg.data, labels=E["labels"], n_train=cfg.n_train,
+               runs=cfg.runs, layers=model.config.num_hidden_layers, asim_examples=k, methods={})
+
+    def record(method, run, pred, acts=None, teach=None):
+        entry = out["methods"].setdefault(method, dict(lr=results[method]["lr"], runs=[], conf=[], max_p=[],
+                                                       correct=[]))
+        correct = ia2.top1_correct(pred[1], E["gold"], tok, E["labels"])
+        row = dict(run=run, **ia2.metrics(pred, E["gold"], tok, E["labels"]))
+        if acts is not None:
+            layer_sim = asim(acts, teach).mean(0)  # (L,): mean over examples (one token each)
+            row.update(asim=float(layer_sim.mean()), asim_layers=layer_sim.tolist())
+        entry["runs"].append(row)
+        entry["conf"] += (pred[0][:, 0] / pred[0].sum(-1)).tolist()
+        entry["max_p"] += pred[0][:, 0].tolist()
+        entry["correct"] += correct.tolist()
+
+    with ia2.lora_disabled(model):
+        zero_pred = evaluate(E["queries"]) if "zero_shot" in results else None
+        zero_acts = activations(model, E["queries"][:k])
+    for r in range(cfg.runs):
+        s = cfg.seed + r
+        _, _, rest = ia2.few_shot_split(E["pool"], cfg.n_train, s)
+        icl = ia2.icl_eval_prompts(tok, E["task"], E["labels"], rest, E["eval_set"], cfg.n_train - 1, s)
+        with ia2.lora_disabled(model):
+            teach = activations(model, icl[:k])  # the teacher: the base model with N-1 demos
+            if "icl" in results:
+                record("icl", r, evaluate(icl))
+        if zero_pred is not None and r == 0:
+            record("zero_shot", 0, zero_pred)
+        out.setdefault("zero_shot_asim_runs", []).append(asim(zero_acts, teach).mean(0).tolist())
+        for m in [m for m in ia2.TRAINED if m in results]:
+            ia2.load_adapter(model, adapter_folder(folder, results, m, r))
+            record(m, r, evaluate(E["queries"]), activations(model, E["queries"][:k]), teach)
+            print(f"[{os.path.basename(folder)} run {r}] {m}: acc {out['methods'][m]['runs'][-1]['accuracy']:.1f}"
+                  f" asim {out['methods'][m]['runs'][-1]['asim']:.3f}")
+    trained = [m for m in ia2.TRAINED if m in results]
+    out["overlap"] = {a: {b: float(np.mean([adapter_overlap(adapter_folder(folder, results, a, r),
+                                                            adapter_folder(folder, results, b, r))
+                                            for r in range(cfg.runs)])) for b in trained} for a in trained}
+    out["max_abs_diff_vs_results_json"] = max(
+        abs(np.mean([x[key] for x in e["runs"]]) - results[m]["mean"][key])
+        for m, e in out["methods"].items() for key in ("accuracy", "ece"))
+    return out
+
+
+def summary(entry: dict) -> dict:
+    """Mean and population std over runs of each metric."""
+    keys = [key for key in METRICS if key in entry["runs"][0]]
+    return {key: (float(np.mean([x[key] for x in entry["runs"]])), float(np.std([x[key] for x in entry["runs"]])))
+            for key in keys}
+
+
+# -----------------------------------------------------------------------------
+# figures
+
+
+def plot_asim(a: dict, path: str):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    x = np.arange(1, a["layers"] + 1)
+    zero = np.array(a["zero_shot_asim_runs"])
+    ax.plot(x, zero.mean(0), "--", color="grey", label=f"zero-shot base (mean {zero.mean():.2f})")
+    for m, e in a["methods"].items():
+        if "asim" not in e["runs"][0]:
+            continue
+        y = np.array([row["asim_layers"] for row in e["runs"]])
+        line, = ax.plot(x, y.mean(0), marker=".", label=f"{m} (mean {y.mean():.2f})")
+        ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="decoder layer", ylabel="cosine similarity with ICL activations",
+           title=f"asim per layer: {title(a)}\n{a['asim_examples']} eval examples, mean ± std over {a['runs']} runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(a: dict, path: str):
+    import matplotlib.pyplot as plt
+    methods = list(a["methods"])
+    cols = min(3, len(methods))
+    rows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, methods):
+        e = a["methods"][m]
+        conf, correct = np.array(e["conf"]), np.array(e["correct"])
+        bins = reliability(conf, correct)
+        for lo, mean, hi, acc, _ in bins:
+            ax.bar(lo, acc, width=max(hi - lo, 0.004), align="edge", color="tab:blue", alpha=0.6, edgecolor="k", lw=0.4)
+            ax.plot(mean, acc, "o", color="tab:red", ms=3)
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+        sizes = sorted({b[4] for b in bins})
+        ax.text(0.02, 0.97, f"n={len(conf)} ({len(e['runs'])} run{'s' * (len(e['runs']) > 1)} pooled)\n"
+                f"{len(bins)} bins of {'/'.join(map(str, sizes))}", va="top", fontsize=7, transform=ax.transAxes)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1, renormalised over top 10)",
+               ylabel="top-1 accuracy in bin",
+               title=f"{m}\nECE {ia2.ece(conf, correct):.3f} (equal mass) · "
+                     f"{ia2.ece_equal_width(np.array(e['max_p']), correct):.3f} (equal width)")
+        ax.title.set_fontsize(8)
+        ax.xaxis.label.set_fontsize(7)
+        ax.yaxis.label.set_fontsize(7)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    fig.suptitle(f"Reliability: {title(a)}. Bars span each bin's confidences; dots at the bin's mean", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(analyses: list, path: str):
+    import matplotlib.pyplot as plt
+    ns = [a["n_train"] for a in analyses]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for m in ia2.METHODS:
+        if not all(m in a["methods"] for a in analyses):
+            continue
+        stats = [summary(a["methods"][m]) for a in analyses]
+        for ax, key in zip(axes, ("accuracy", "ece", "asim")):
+            if key in stats[0]:
+                ax.errorbar(ns, [s[key][0] for s in stats], [s[key][1] for s in stats], marker="o", capsize=3, label=m)
+    for ax, label in zip(axes, ("top-1 accuracy (%)", "ECE (equal mass, top-10 renormalised)",
+                                "asim with ICL (cosine, mean over layers)")):
+        ax.set(xscale="log", xlabel="N, labelled examples", ylabel=label)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title(analyses[0], with_n=False)}: mean ± std over runs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def title(a: dict, with_n=True) -> str:
+    t = f"{os.path.basename(a['model'].rstrip('/'))}, {a['task']}{' (local data)' if a['data'] else ''}"
+    return t + (f", N={a['n_train']}" if with_n else "")
+
+
+# -----------------------------------------------------------------------------
+# report.md
+
+
+def pm(v, fmt="{:.1f}"):
+    return f"{fmt.format(v[0])} ± {fmt.format(v[1])}"
+
+
+def report(a: dict) -> str:
+    lines = [f"# Analysis: {title(a)}, {a['runs']} runs\n",
+             "Re-evaluated from the saved adapters (lr as selected by ia2.py); largest difference from "
+             f"results.json in mean accuracy or ECE: {a['max_abs_diff_vs_results_json']:.2g}.\n",
+             "| method | lr | accuracy | label acc. | ECE | ECE (equal width) | asim |", "|---|---|---|---|---|---|---|"]
+    for m, e in a["methods"].items():
+        s, lr = summary(e), "–" if e["lr"] is None else f"{e['lr']:g}"
+        lines.append(f"| {m} | {lr} | {pm(s['accuracy'])} | "
+                     f"{pm(s['label_accuracy'])} | {pm(s['ece'], '{:.3f}')} | {pm(s['ece_equal_width'], '{:.3f}')} | "
+                     f"{pm(s['asim'], '{:.3f}') if 'asim' in s else '–'} |")
+    zero = np.array(a["zero_shot_asim_runs"]).mean(1)
+    lines += [f"| zero-shot base, asim only | – | | | | | {zero.mean():.3f} ± {zero.std():.3f} |", "",
+              "Accuracy in %, ECE as a fraction, mean ± std (ddof=0) over runs. asim: cosine similarity between "
+              f"the self-attention outputs with and without ICL demos, on the first {a['asim_examples']} eval "
+              "examples, mean over layers. The ICL base model is the reference (asim 1); the zero-shot base "
+              "model, no adapter and no demos, is the starting point.\n",
+              "![asim per layer](asim.png)\n", "![reliability diagrams](reliability.png)\n"]
+    if a["task"] == "sst2":
+        lines += ["## Beside the paper (SST2 rows, spec §10)\n",
+                  "The paper's models and data differ from these: Qwen3-4B-Base at N=4 and Llama-3.2-1B at N=8, "
+                  f"real SST-2, 500 eval examples, 5 runs. Here: {title(a)}"
+                  f"{', a local data file, not SST-2' if a['data'] else ''}. Compare orderings and gaps, not values.\n",
+                  "| method | here: acc / ECE | paper Qwen3-4B N=4 | paper Llama-1B N=8 | here: asim | "
+                  "paper asim (Qwen-4B, Llama-3B, Llama-1B) |", "|---|---|---|---|---|---|"]
+        for m, e in a["methods"].items():
+            if m not in PAPER_SST2:
+                continue
+            s = summary(e)
+            here = f"{pm(s['accuracy'])} / {s['ece'][0]:.2f}"
+            paper_asim = ", ".join(f"{v:.2f}" for v in PAPER_ASIM[m]) if m in PAPER_ASIM else "–"
+            lines.append(f"| {m} | {here} | {PAPER_SST2[m][0]} | {PAPER_SST2[m][1]} | "
+                         f"{pm(s['asim'], '{:.2f}') if 'asim' in s else '–'} | {paper_asim} |")
+        lines.append("")
+    names = list(a["overlap"])
+    lines += ["## LoRA subspace overlap (§5.2)\n",
+              "(1/r)·‖U1ᵀU2‖_F² of the top-r left singular vectors of ΔW = (α/r)·B·A, mean over the adapted "
+              "matrices, then over runs (the same run's adapters). 1: the same subspace; 0: orthogonal. Paper "
+              "(Fig. 4): IA2 only vs IA2→SFT mean 0.39; SFT vs either, median 0.06.\n",
+              "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {x} | " + " | ".join(f"{a['overlap'][x][y]:.3f}" for y in names) + " |" for x in names]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_report(analyses: list) -> str:
+    lines = [f"# {title(analyses[0], with_n=False)}: methods against N\n", "![sweep](sweep.png)\n",
+             "| method | " + " | ".join(f"N={a['n_train']}" for a in analyses) + " |",
+             "|---" * (len(analyses) + 1) + "|"]
+    for m in ia2.METHODS:
+        if all(m in a["methods"] for a in analyses):
+            cells = []
+            for a in analyses:
+                s = summary(a["methods"][m])
+                cells.append(f"{pm(s['accuracy'])} / {s['ece'][0]:.2f}" + (f" / {s['asim'][0]:.2f}" if "asim" in s else ""))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\ntop-1 accuracy in % ± std over runs / ECE (paper's) / asim (mean over runs), "
+                               "each N at the lr ia2.py selected.\n")
+
+
+# -----------------------------------------------------------------------------
+
+
+def write(path: str, text: str):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def run(folders: list, out: str, device: str, n_asim: int):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+    except ImportError:
+        raise ia2.IA2Error("eval.py draws figures with matplotlib: pip install matplotlib")
+    for folder in folders:
+        load_folder(folder)  # fail on a bad folder before any work
+    analyses = []
+    for folder in folders:
+        path = os.path.join(folder, "analysis.json")
+        if os.path.isfile(path):
+            print(f"{folder}: reusing {path}")
+            with open(path) as f:
+                a = json.load(f)
+        else:
+            a = analyse(folder, device, n_asim)
+            plot_asim(a, os.path.join(folder, "asim.png"))
+            plot_reliability(a, os.path.join(folder, "reliability.png"))
+            write(os.path.join(folder, "report.md"), report(a))
+            write(path, json.dumps(a))  # last: its presence means the folder is done
+        print(f"{folder}/report.md\n" + report(a).split("\n\n")[2])
+        analyses.append(a)
+    if len(analyses) > 1:
+        keys = {(a["model"], a["task"], a["data"], tuple(a["labels"])) for a in analyses}
+        if len(keys) > 1:
+            raise ia2.IA2Error("a sweep needs folders of the same model, task, data and labels; got " + str(keys))
+        analyses.sort(key=lambda a: a["n_train"])
+        os.makedirs(out, exist_ok=True)
+        plot_sweep(analyses, os.path.join(out, "sweep.png"))
+        write(os.path.join(out, "sweep.md"), sweep_report(analyses))
+        print(f"{out}/sweep.md\n" + sweep_report(analyses))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("folders", nargs="+", help="run folders written by ia2.py")
+    p.add_argument("--out", help="where sweep.md and sweep.png go (several folders); default: <parent>/sweep")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--asim-examples", type=int, default=100, help="first eval examples used for asim (paper: 100)")
+    args = p.parse_args(argv)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.folders[0].rstrip("/"))), "sweep")
+    try:
+        run(args.folders, out, args.device, args.asim_examples)
+    except ia2.IA2Error as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
