@@ -12,7 +12,14 @@ adapter, and measures, following the paper:
   - reliability diagrams (§5) over the equal-mass bins of the paper's ECE;
   - the LoRA subspace overlap between methods (§5.2, Fig. 4).
 Several folders (e.g. the same model and task at N = 2, 4, 8, 16) also give accuracy, ECE and asim
-against N. The numbers of each folder are kept in its analysis.json; a later call reuses them
+against N.
+
+One SST-2 eval item (validation row 0, label 1 = positive) and what the models read, N=4:
+  zero-shot and every adapter:  "Text:it 's a charming and often affecting journey . \nLabel:"
+  ICL (the teacher, and the ICL baseline): N-1 = 3 held-out demos first, each "Text:...\nLabel:0\n\n",
+  then the same query. The answer position is the last prompt token (after "Label:").
+Reference, the paper's SST2 row (Qwen3-4B-Base, N=4, accuracy % / ECE): ICL 85.4/.13, SFT 65.2/.22,
+IA2 only 82.7/.28, IA2→SFT 90.4/.06; mean asim with ICL: SFT 0.52, IA2→SFT 0.67, IA2 only 0.80. The numbers of each folder are kept in its analysis.json; a later call reuses them
 (delete the file to recompute). Figures need matplotlib (pip install matplotlib); ia2.py does not.
 """
 import argparse
@@ -113,7 +120,8 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
     model, tok, k = E["model"], E["tok"], min(n_asim, len(E["queries"]))
     evaluate = lambda seqs: ia2.predict(model, seqs, E["label_ids"])
     out = dict(model=cfg.model, task=cfg.task, data=cfg.data, labels=E["labels"], n_train=cfg.n_train,
-               runs=cfg.runs, layers=model.config.num_hidden_layers, asim_examples=k, methods={})
+               runs=cfg.runs, layers=model.config.num_hidden_layers, asim_examples=k,
+               gold=E["gold"][:3].tolist(), methods={})
 
     def record(method, run, pred, acts=None, teach=None):
         entry = out["methods"].setdefault(method, dict(lr=results[method]["lr"], runs=[], conf=[], max_p=[],
@@ -124,6 +132,9 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
             layer_sim = asim(acts, teach).mean(0)  # (L,): mean over examples (one token each)
             row.update(asim=float(layer_sim.mean()), asim_layers=layer_sim.tolist())
         entry["runs"].append(row)
+        if run == 0:  # the first eval examples, as a reader would check them by eye
+            top = [tok.decode([int(t)]) for t in pred[1][:3, 0]]
+            entry["examples"] = [dict(top1=t, label_p=p.tolist()) for t, p in zip(top, pred[2][:3])]
         entry["conf"] += (pred[0][:, 0] / pred[0].sum(-1)).tolist()
         entry["max_p"] += pred[0][:, 0].tolist()
         entry["correct"] += correct.tolist()
@@ -131,6 +142,8 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
     with ia2.lora_disabled(model):
         zero_pred = evaluate(E["queries"]) if "zero_shot" in results else None
         zero_acts = activations(model, E["queries"][:k])
+    if zero_pred is not None:
+        record("zero_shot", 0, zero_pred)
     for r in range(cfg.runs):
         s = cfg.seed + r
         _, _, rest = ia2.few_shot_split(E["pool"], cfg.n_train, s)
@@ -139,8 +152,6 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
             teach = activations(model, icl[:k])  # the teacher: the base model with N-1 demos
             if "icl" in results:
                 record("icl", r, evaluate(icl))
-        if zero_pred is not None and r == 0:
-            record("zero_shot", 0, zero_pred)
         out.setdefault("zero_shot_asim_runs", []).append(asim(zero_acts, teach).mean(0).tolist())
         for m in [m for m in ia2.TRAINED if m in results]:
             ia2.load_adapter(model, adapter_folder(folder, results, m, r))
@@ -174,12 +185,13 @@ def plot_asim(a: dict, path: str):
     x = np.arange(1, a["layers"] + 1)
     zero = np.array(a["zero_shot_asim_runs"])
     ax.plot(x, zero.mean(0), "--", color="grey", label=f"zero-shot base (mean {zero.mean():.2f})")
-    for m, e in a["methods"].items():
+    for m, e in methods(a):
         if "asim" not in e["runs"][0]:
             continue
         y = np.array([row["asim_layers"] for row in e["runs"]])
         line, = ax.plot(x, y.mean(0), marker=".", label=f"{m} (mean {y.mean():.2f})")
         ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.15)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set(xlabel="decoder layer", ylabel="cosine similarity with ICL activations",
            title=f"asim per layer: {title(a)}\n{a['asim_examples']} eval examples, mean ± std over {a['runs']} runs")
     ax.grid(alpha=0.3)
@@ -191,17 +203,16 @@ def plot_asim(a: dict, path: str):
 
 def plot_reliability(a: dict, path: str):
     import matplotlib.pyplot as plt
-    methods = list(a["methods"])
-    cols = min(3, len(methods))
-    rows = -(-len(methods) // cols)
+    pairs = methods(a)
+    cols = min(3, len(pairs))
+    rows = -(-len(pairs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
-    for ax, m in zip(axes.flat, methods):
-        e = a["methods"][m]
+    for ax, (m, e) in zip(axes.flat, pairs):
         conf, correct = np.array(e["conf"]), np.array(e["correct"])
         bins = reliability(conf, correct)
-        for lo, mean, hi, acc, _ in bins:
-            ax.bar(lo, acc, width=max(hi - lo, 0.004), align="edge", color="tab:blue", alpha=0.6, edgecolor="k", lw=0.4)
-            ax.plot(mean, acc, "o", color="tab:red", ms=3)
+        ax.hist(conf, bins=np.linspace(0, 1, 41), weights=np.full(len(conf), 1 / len(conf)), color="lightgrey",
+                label="share of examples")
+        ax.plot([b[1] for b in bins], [b[3] for b in bins], "o-", color="tab:blue", ms=4, label="equal-mass bin")
         ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
         sizes = sorted({b[4] for b in bins})
         ax.text(0.02, 0.97, f"n={len(conf)} ({len(e['runs'])} run{'s' * (len(e['runs']) > 1)} pooled)\n"
@@ -213,9 +224,11 @@ def plot_reliability(a: dict, path: str):
         ax.title.set_fontsize(8)
         ax.xaxis.label.set_fontsize(7)
         ax.yaxis.label.set_fontsize(7)
-    for ax in list(axes.flat)[len(methods):]:
+    for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
-    fig.suptitle(f"Reliability: {title(a)}. Bars span each bin's confidences; dots at the bin's mean", fontsize=9)
+    axes.flat[0].legend(fontsize=6, loc="center left")
+    fig.suptitle(f"Reliability: {title(a)}. Each dot: one of the paper's ECE bins (mean confidence, accuracy); "
+                 "ECE of the pooled runs", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -245,6 +258,11 @@ def plot_sweep(analyses: list, path: str):
     plt.close(fig)
 
 
+def methods(a: dict) -> list:
+    """(name, entry) pairs in ia2.METHODS order."""
+    return [(m, a["methods"][m]) for m in ia2.METHODS if m in a["methods"]]
+
+
 def title(a: dict, with_n=True) -> str:
     t = f"{os.path.basename(a['model'].rstrip('/'))}, {a['task']}{' (local data)' if a['data'] else ''}"
     return t + (f", N={a['n_train']}" if with_n else "")
@@ -263,13 +281,19 @@ def report(a: dict) -> str:
              "Re-evaluated from the saved adapters (lr as selected by ia2.py); largest difference from "
              f"results.json in mean accuracy or ECE: {a['max_abs_diff_vs_results_json']:.2g}.\n",
              "| method | lr | accuracy | label acc. | ECE | ECE (equal width) | asim |", "|---|---|---|---|---|---|---|"]
-    for m, e in a["methods"].items():
+    for m, e in methods(a):
         s, lr = summary(e), "–" if e["lr"] is None else f"{e['lr']:g}"
         lines.append(f"| {m} | {lr} | {pm(s['accuracy'])} | "
                      f"{pm(s['label_accuracy'])} | {pm(s['ece'], '{:.3f}')} | {pm(s['ece_equal_width'], '{:.3f}')} | "
                      f"{pm(s['asim'], '{:.3f}') if 'asim' in s else '–'} |")
     zero = np.array(a["zero_shot_asim_runs"]).mean(1)
     lines += [f"| zero-shot base, asim only | – | | | | | {zero.mean():.3f} ± {zero.std():.3f} |", "",
+              "The first eval examples, run 0: top-1 token and p(" + ", ".join(a["labels"]) + ")\n",
+              "| method | " + " | ".join(f"example {i} (gold {a['labels'][g]})" for i, g in enumerate(a["gold"])) +
+              " |", "|---" * (len(a["gold"]) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(f"{x['top1']!r} " + "/".join(f"{p:.2f}" for p in x["label_p"])
+                                         for x in e["examples"]) + " |" for m, e in methods(a)]
+    lines += ["",
               "Accuracy in %, ECE as a fraction, mean ± std (ddof=0) over runs. asim: cosine similarity between "
               f"the self-attention outputs with and without ICL demos, on the first {a['asim_examples']} eval "
               "examples, mean over layers. The ICL base model is the reference (asim 1); the zero-shot base "
@@ -282,7 +306,7 @@ def report(a: dict) -> str:
                   f"{', a local data file, not SST-2' if a['data'] else ''}. Compare orderings and gaps, not values.\n",
                   "| method | here: acc / ECE | paper Qwen3-4B N=4 | paper Llama-1B N=8 | here: asim | "
                   "paper asim (Qwen-4B, Llama-3B, Llama-1B) |", "|---|---|---|---|---|---|"]
-        for m, e in a["methods"].items():
+        for m, e in methods(a):
             if m not in PAPER_SST2:
                 continue
             s = summary(e)
@@ -341,11 +365,11 @@ def run(folders: list, out: str, device: str, n_asim: int):
                 a = json.load(f)
         else:
             a = analyse(folder, device, n_asim)
-            plot_asim(a, os.path.join(folder, "asim.png"))
-            plot_reliability(a, os.path.join(folder, "reliability.png"))
-            write(os.path.join(folder, "report.md"), report(a))
-            write(path, json.dumps(a))  # last: its presence means the folder is done
-        print(f"{folder}/report.md\n" + report(a).split("\n\n")[2])
+            write(path, json.dumps(a))
+        plot_asim(a, os.path.join(folder, "asim.png"))
+        plot_reliability(a, os.path.join(folder, "reliability.png"))
+        write(os.path.join(folder, "report.md"), report(a))
+        print(report(a) + f"(written to {folder}/report.md)\n")
         analyses.append(a)
     if len(analyses) > 1:
         keys = {(a["model"], a["task"], a["data"], tuple(a["labels"])) for a in analyses}
