@@ -7,36 +7,39 @@ produces *with* N-1 demonstrations, and is then fine-tuned as usual (SFT).
   Fine-Tuning." ICLR 2026, arXiv:2509.22621.
 
 The steps, in the order of the paper and of this file:
-  1. prompts and the few-shot protocol (§5, App. A) ... make_prompt, few_shot_split
+  1. the 12 tasks, prompts, the few-shot protocol (§5, App. A) ... TASKS, load_task, few_shot_split
   2. LoRA, written out (§5) ........................... LoRALinear, add_lora
-  3. capture the self-attention outputs (§2) ......... capture_activations
-  4. the teacher: base model reading N-1 demos (§4) ... teacher
-  5. the losses: IA2 (Eq. 4), SFT (Eq. 2), IA2+SFT .... ia2_loss, sft_loss, objective_loss
+  3. capture the self-attention outputs (§2) ......... capture_activations, forward (positions d+t)
+  4. the teacher: base model reading N-1 demos (§3-4) . generate (KV cache), teacher
+  5. the losses: IA2 (Eq. 4), SFT (Eq. 2), KD ........ ia2_loss, sft_loss, kd_loss, objective_loss
   6. training: one loop, early stopping on dev loss ... train
-  7. evaluation: accuracy and ECE (§5) ............... predict, metrics, ece, ece_equal_width
-  8. the experiment: methods x lrs x runs ............ run_experiment, main
+  7. evaluation: accuracy and ECE; generation (§5) ... predict, metrics, ece, parse_answer, generation_metrics
+  8. the experiment: methods x lrs x runs x tasks .... run_experiment, main
 
 Symbols:
   X      the query prompt, e.g. "Text:a gripping film\nLabel:"
-  Y      its ground-truth label string, e.g. "1"
+  Y      its ground truth: a label string ("1") or an answer text (+EOS as a target)
   I      the other N-1 training examples, used as demonstrations
-  Ŷ      the base model's own answer with demos (the ICL answer)
-  A_ICL  teacher activations, (L, D) per example: one position (T=1)
+  Ŷ      the base model's own greedy answer with demos (the ICL answer), T' <= T tokens
+  A_ICL  teacher activations at d_icl+t, (L, T', D) per example
   L, D   number of decoder layers, hidden size
-  T      response tokens aligned; T=1 for single-token tasks
+  T      response tokens aligned: 1 for single-token tasks, 200 for multi-token tasks
   r, α   LoRA rank and scale numerator (8, 8: scale α/r = 1)
   β      weight of the SFT term in IA2+SFT
 
 Quick start (digits as labels, the paper's lr grid, 5 runs):
-  python ia2.py --model Qwen/Qwen3-0.6B --task sst2
-prints a table of accuracy and ECE (mean ± std over runs) per method and writes
+  python ia2.py --model Qwen/Qwen3-0.6B --task sst2 --eval-tasks sst2 finsen poems
+  python ia2.py --model Qwen/Qwen3-0.6B --task gsm8k
+  python ia2.py --list-tasks
+prints a table of accuracy and ECE (mean ± std over runs) per eval task and method and writes
 config.json, results.json, results.md and the adapters to a run folder.
 
 But (deviations from the official code, details in README.md):
   - the best dev checkpoint is really restored (the official code keeps the last);
   - torch is seeded; one right-padded batch of min(4, N) replaces gradient accumulation;
   - losses and LoRA are fp32 over a bf16 (CUDA) or fp32 (CPU) base model;
-  - single-token tasks only (T=1); labels must be one token each.
+  - the teacher rollout uses a KV cache and gives Ŷ, A_ICL and the KD distributions at once
+    (tested equal to the official full re-forward); labels of single-token tasks must be one token.
 """
 import argparse
 import collections

@@ -168,6 +168,13 @@ def test_hooks_and_forward_on_other_families(arch):
     logits, last = ia2.forward(m, [ids[0].tolist(), ids[0, :5].tolist()], capture=True)
     torch.testing.assert_close(logits[0, 0], out.logits[0, -1])  # final-logit soft-capping included
     torch.testing.assert_close(last[0, :, 0], torch.stack([x[0, -1] for x in acts]))
+    # the cached, left-padded rollout (Gemma: past its sliding window of 4) equals the uncached one
+    prompts = [ids[0].tolist(), ids[0, :3].tolist()]
+    for p, o in zip(prompts, ia2.generate(m, prompts, 6, -1, capture=True, scores=True)):
+        toks, a, logp = uncached_rollout(m, p, 6, eos=-1)
+        assert o["tokens"] == toks
+        torch.testing.assert_close(o["acts"], a, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(o["logp"], logp, atol=1e-5, rtol=1e-4)
 
 
 def test_forward_matches_full_logits_and_padding_changes_nothing(model):
