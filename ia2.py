@@ -151,7 +151,8 @@ def pick_device(name: str):
 # of the shuffled pool split. gen: max_new_tokens of the generation evaluation (§7).
 SLOTS = ["apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday"]  # App. A, seed 42
 TEXT, QA = "Text:{text}\nLabel:", "Question:{question}\nAnswer:"
-CHOICES = lambda n: "Question:{question}\nChoices:\n" + "".join(f"[{SLOTS[i]}]{{o{i}}}\n" for i in range(n)) + "\nAnswer:"
+CHOICES = lambda n: ("Question:{question}\nChoices:\n" + "".join(f"[{SLOTS[i]}]{{o{i}}}\n" for i in range(n))
+                     + "\nAnswer:")
 BBC = {"tech": 3, "business": 2, "sport": 1}  # entertainment, politics -> 0
 
 
@@ -264,7 +265,8 @@ def read_local(path: str, task: dict) -> list:
     import string
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    kind = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(path)[1].lower())
+    ext = os.path.splitext(path)[1].lower()
+    kind = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(ext)
     if not os.path.isfile(path):
         raise IA2Error(f"data file not found: {path}")
     if kind is None:
@@ -822,7 +824,8 @@ def setup(cfg: Config) -> dict:
         raise IA2Error("--labels is for single-token tasks; multi-token tasks answer with text")
     if set(cfg.methods) - set(METHODS):
         raise IA2Error(f"unknown method(s) {sorted(set(cfg.methods) - set(METHODS))}; known: {' '.join(METHODS)}")
-    if cfg.n_train < 2 or cfg.runs < 1 or cfg.eval_size < 1 or (cfg.max_new_tokens or 1) < 1:
+    T = cfg.max_new_tokens
+    if cfg.n_train < 2 or cfg.runs < 1 or cfg.eval_size < 1 or (T is not None and T < 1):
         raise IA2Error("need --n-train >= 2 (one training example plus its demos), --runs >= 1, --eval-size >= 1, "
                        "--max-new-tokens >= 1")
     if min(cfg.lr) <= 0 or not 0 <= cfg.beta <= 1:

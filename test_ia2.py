@@ -546,6 +546,9 @@ def test_cli_multi_token_and_ood(tiny):
     assert "teacher: 6 tokens per rollout" in p.stdout  # no EOS from a random model: T' = T
     assert "zero_shot on gsm8ks] example 1:" in p.stdout and "(gold '" in p.stdout
     assert "## gsm8k -> gsm8ks (OOD, ICL demos from gsm8k)" in p.stdout
+    p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(tiny["root"] / "gsm-out")],
+                       capture_output=True, text=True)  # eval.py's analyses are for single-token runs
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "single-token" in p.stderr
 
 
 def test_cli_single_token_ood(tiny):
@@ -596,6 +599,7 @@ def test_saved_adapter_loads_in_peft(tiny):
     (["--labels", "0", "zqxv"], "label 'zqxv' is"),
     (["--n-train", "60"], "needs 149 pool examples"),
     (["--device", "cuda"], "no CUDA"),
+    (["--task", "gsm8k", "--max-new-tokens", "0"], "--max-new-tokens >= 1"),
     (["--task", "poems"], "evaluation-only task"),
     (["--eval-tasks", "sst2", "nope"], "unknown task 'nope'"),
     (["--eval-tasks", "gsm8k"], "all single-token or all multi-token"),
