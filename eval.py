@@ -60,7 +60,7 @@ def asim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def activations(model, seqs: list, bs: int = 16) -> torch.Tensor:
     """Self-attention outputs of every layer at each prompt's last token: (n, L, D), fp32 on the CPU.
     With T=1 the answer position of the paper is this one, for the student and for the ICL teacher."""
-    return torch.cat([ia2.forward(model, seqs[i:i + bs], capture=True)[1].float().cpu()
+    return torch.cat([ia2.forward(model, seqs[i:i + bs], capture=True)[1][:, :, 0].float().cpu()
                       for i in range(0, len(seqs), bs)])
 
 
@@ -104,7 +104,9 @@ def load_folder(folder: str):
     with open(os.path.join(folder, "config.json")) as f:
         meta = json.load(f)
     with open(os.path.join(folder, "results.json")) as f:
-        results = json.load(f)["methods"]
+        results = json.load(f).get("methods")
+    if results is None or meta["labels"] is None:
+        raise ia2.IA2Error(f"{folder}: eval.py analyses single-token runs evaluated on their own --task")
     return meta, results
 
 
@@ -147,7 +149,7 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
     for r in range(cfg.runs):
         s = cfg.seed + r
         _, _, rest = ia2.few_shot_split(E["pool"], cfg.n_train, s)
-        icl = ia2.icl_eval_prompts(tok, E["task"], E["labels"], rest, E["eval_set"], cfg.n_train - 1, s)
+        icl = ia2.icl_eval_prompts(tok, E["labels"], rest, E["eval_set"], cfg.n_train - 1, s)
         with ia2.lora_disabled(model):
             teach = activations(model, icl[:k])  # the teacher: the base model with N-1 demos
             if "icl" in results:
@@ -372,7 +374,7 @@ def run(folders: list, out: str, device: str, n_asim: int):
         print(report(a) + f"(written to {folder}/report.md)\n")
         analyses.append(a)
     if len(analyses) > 1:
-        keys = {(a["model"], a["task"], a["data"], tuple(a["labels"])) for a in analyses}
+        keys = {(a["model"], a["task"], json.dumps(a["data"]), tuple(a["labels"])) for a in analyses}
         if len(keys) > 1:
             raise ia2.IA2Error("a sweep needs folders of the same model, task, data and labels; got " + str(keys))
         analyses.sort(key=lambda a: a["n_train"])

@@ -7,36 +7,39 @@ produces *with* N-1 demonstrations, and is then fine-tuned as usual (SFT).
   Fine-Tuning." ICLR 2026, arXiv:2509.22621.
 
 The steps, in the order of the paper and of this file:
-  1. prompts and the few-shot protocol (§5, App. A) ... make_prompt, few_shot_split
+  1. the 12 tasks, prompts, the few-shot protocol (§5, App. A) ... TASKS, load_task, few_shot_split
   2. LoRA, written out (§5) ........................... LoRALinear, add_lora
-  3. capture the self-attention outputs (§2) ......... capture_activations
-  4. the teacher: base model reading N-1 demos (§4) ... teacher
-  5. the losses: IA2 (Eq. 4), SFT (Eq. 2), IA2+SFT .... ia2_loss, sft_loss, objective_loss
+  3. capture the self-attention outputs (§2) ......... capture_activations, forward (positions d+t)
+  4. the teacher: base model reading N-1 demos (§3-4) . generate (KV cache), teacher
+  5. the losses: IA2 (Eq. 4), SFT (Eq. 2), KD ........ ia2_loss, sft_loss, kd_loss, objective_loss
   6. training: one loop, early stopping on dev loss ... train
-  7. evaluation: accuracy and ECE (§5) ............... predict, metrics, ece, ece_equal_width
-  8. the experiment: methods x lrs x runs ............ run_experiment, main
+  7. evaluation: accuracy and ECE; generation (§5) ... predict, metrics, ece, parse_answer, generation_metrics
+  8. the experiment: methods x lrs x runs x tasks .... run_experiment, main
 
 Symbols:
   X      the query prompt, e.g. "Text:a gripping film\nLabel:"
-  Y      its ground-truth label string, e.g. "1"
+  Y      its ground truth: a label string ("1") or an answer text (+EOS as a target)
   I      the other N-1 training examples, used as demonstrations
-  Ŷ      the base model's own answer with demos (the ICL answer)
-  A_ICL  teacher activations, (L, D) per example: one position (T=1)
+  Ŷ      the base model's own greedy answer with demos (the ICL answer), T' <= T tokens
+  A_ICL  teacher activations at d_icl+t, (L, T', D) per example
   L, D   number of decoder layers, hidden size
-  T      response tokens aligned; T=1 for single-token tasks
+  T      response tokens aligned: 1 for single-token tasks, 200 for multi-token tasks
   r, α   LoRA rank and scale numerator (8, 8: scale α/r = 1)
   β      weight of the SFT term in IA2+SFT
 
 Quick start (digits as labels, the paper's lr grid, 5 runs):
-  python ia2.py --model Qwen/Qwen3-0.6B --task sst2
-prints a table of accuracy and ECE (mean ± std over runs) per method and writes
+  python ia2.py --model Qwen/Qwen3-0.6B --task sst2 --eval-tasks sst2 finsen poems
+  python ia2.py --model Qwen/Qwen3-0.6B --task gsm8k
+  python ia2.py --list-tasks
+prints a table of accuracy and ECE (mean ± std over runs) per eval task and method and writes
 config.json, results.json, results.md and the adapters to a run folder.
 
 But (deviations from the official code, details in README.md):
   - the best dev checkpoint is really restored (the official code keeps the last);
   - torch is seeded; one right-padded batch of min(4, N) replaces gradient accumulation;
   - losses and LoRA are fp32 over a bf16 (CUDA) or fp32 (CPU) base model;
-  - single-token tasks only (T=1); labels must be one token each.
+  - the teacher rollout uses a KV cache and gives Ŷ, A_ICL and the KD distributions at once
+    (tested equal to the official full re-forward); labels of single-token tasks must be one token.
 """
 import argparse
 import collections
@@ -46,6 +49,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -57,9 +61,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm  # installed with transformers and datasets
 
-METHODS = ("zero_shot", "icl", "sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft")
-TRAINED = ("sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft")
-METRICS = ("accuracy", "label_accuracy", "ece", "ece_equal_width")
+METHODS = ("zero_shot", "icl", "sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft", "kd")
+TRAINED = ("sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft", "kd")
+METRICS = ("accuracy", "label_accuracy", "ece", "ece_equal_width")  # multi-token tasks: accuracy only
 
 
 class IA2Error(Exception):
@@ -77,9 +81,12 @@ def arg(default, help):
 @dataclass
 class Config:
     model: str = arg("Qwen/Qwen3-0.6B", "Hub id or local folder of a causal LM (paper: Qwen3-4B-Base, Llama-3.2-1B)")
-    task: str = arg("sst2", "task whose template and labels are used; known: " + "sst2")
-    data: str = arg(None, "local .csv/.jsonl/.parquet with columns text,label (label = index into the label "
-                    "strings) used instead of the Hub; shuffled with seed 42, the last --eval-size rows are the eval set")
+    task: str = arg("sst2", "task trained on (--list-tasks prints all 12)")
+    eval_tasks: tuple = arg(None, "tasks evaluated on, e.g. sst2 finsen poems; ICL demos always come from --task "
+                            "(paper's OOD protocol); unset: --task")
+    data: tuple = arg(None, "local copies instead of the Hub: FILE (for --task) or TASK=FILE ..., .csv/.jsonl/.parquet "
+                      "with the task's template fields plus label (index into the label strings) or answer (text); "
+                      "shuffled with seed 42, the last --eval-size rows (at most half) are the eval set")
     labels: tuple = arg(None, "label strings instead of the task's (sst2: 0 1). Each must be one token. A leading "
                        "space is part of the string: quote it, --labels ' negative' ' positive'")
     n_train: int = arg(4, "N, labelled examples per run; each query sees the other N-1 as demos (paper: 4 Qwen, 8 Llama)")
@@ -93,9 +100,12 @@ class Config:
     patience: int = arg(5, "stop after this many dev checks without improvement; a check every 2 steps (paper: 5)")
     batch_size: int = arg(4, "examples per optimizer step, min(this, N) (paper: 4, by gradient accumulation)")
     rank: int = arg(8, "LoRA rank r on q_proj, k_proj, o_proj (paper: 8; alpha = rank, scale 1)")
+    max_new_tokens: int = arg(None, "multi-token tasks: teacher rollout length T and generation limit (paper: 200; "
+                              "400 for hmath_algebra's evaluation); single-token tasks always use T=1")
     seed: int = arg(0, "run r uses seed seed+r for its split, demo order, LoRA init and shuffles (paper: r)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu; bf16 base on cuda, fp32 elsewhere")
     out: str = arg(None, "output folder; unset: runs/<task>-<model>-n<N>-<time>")
+    list_tasks: bool = arg(False, "print the task table and exit")
 
 
 def parse_args(argv=None) -> Config:
@@ -134,56 +144,152 @@ def pick_device(name: str):
 # -----------------------------------------------------------------------------
 # 1. Prompts and the few-shot protocol (§5 "Data Setup", App. A)
 
-# Templates and label strings of the official code: no space after the colon.
+# The twelve tasks (spec §6): the official code's templates and label strings, no space after the
+# colon. `row` turns one Hub record into the template's fields plus `label` (an index into `labels`,
+# single-token tasks) or `answer` (the target text, multi-token tasks); None drops the record.
+# splits: (pool, eval); pool None = evaluation only (OOD); eval None = the last --eval-size records
+# of the shuffled pool split. gen: max_new_tokens of the generation evaluation (§7).
+SLOTS = ["apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday"]  # App. A, seed 42
+TEXT, QA = "Text:{text}\nLabel:", "Question:{question}\nAnswer:"
+CHOICES = lambda n: ("Question:{question}\nChoices:\n" + "".join(f"[{SLOTS[i]}]{{o{i}}}\n" for i in range(n))
+                     + "\nAnswer:")
+BBC = {"tech": 3, "business": 2, "sport": 1}  # entertainment, politics -> 0
+
+
+def cut(text: str, n: int = 256) -> str:
+    return text if len(text) <= n else text[:n].rsplit(" ", 1)[0]  # at a word boundary
+
+
+def sciq_row(ex, rng):
+    options = [ex["correct_answer"], ex["distractor1"], ex["distractor2"], ex["distractor3"]]
+    order = list(rng.permutation(4))  # slot i shows options[order[i]]; the correct one is options[0]
+    return dict(question=ex["question"], **{f"o{i}": options[j] for i, j in enumerate(order)}, label=order.index(0))
+
+
 TASKS = {
-    "sst2": dict(hub="stanfordnlp/sst2", pool_split="train", eval_split="validation", text="sentence",
-                 template="Text:{text}\nLabel:", labels=["0", "1"]),  # 0 negative, 1 positive
+    "sst2": dict(paper="SST2", hub=("stanfordnlp/sst2", None), splits=("train", "validation"), template=TEXT,
+                 labels=["0", "1"], row=lambda ex, rng: dict(text=ex["sentence"], label=ex["label"])),
+    "finsen": dict(paper="FinS", hub=("takala/financial_phrasebank", "sentences_50agree"), splits=("train", None),
+                   template=TEXT, labels=["0", "1"],  # {0 negative, 2 positive} -> {0, 1}; neutral dropped
+                   row=lambda ex, rng: None if ex["label"] == 1 else dict(text=ex["sentence"], label=ex["label"] // 2)),
+    "poems": dict(paper="PoemS", hub=("google-research-datasets/poem_sentiment", None), splits=(None, "train"),
+                  template=TEXT, labels=["0", "1"],  # negative, positive; no_impact and mixed dropped: 288 left
+                  row=lambda ex, rng: dict(text=ex["verse_text"], label=ex["label"]) if ex["label"] < 2 else None),
+    "strategytf": dict(paper="STF", hub=("wics/strategy-qa", None), splits=("test", None), template=QA,
+                       labels=["0", "1"], row=lambda ex, rng: dict(question=ex["question"], label=int(ex["answer"]))),
+    "agnews": dict(paper="AGN", hub=("fancyzhx/ag_news", None), splits=("train", "test"), template=TEXT,
+                   labels=["0", "1", "2", "3"],  # World, Sports, Business, Sci/Tech
+                   row=lambda ex, rng: dict(text=ex["text"], label=ex["label"])),
+    "bbcnews": dict(paper="BBCN", hub=("SetFit/bbc-news", None), splits=(None, "test"), template=TEXT,
+                    labels=["0", "1", "2", "3"],  # AG News' label of each BBC topic
+                    row=lambda ex, rng: dict(text=cut(ex["text"]), label=BBC.get(ex["label_text"], 0))),
+    "sciq_remap": dict(paper="SciQr", hub=("allenai/sciq", None), splits=("train", "validation"),
+                       template=CHOICES(4), labels=SLOTS[:4], row=sciq_row),
+    "qasc_remap": dict(paper="QASCr", hub=("allenai/qasc", None), splits=(None, "validation"), template=CHOICES(8),
+                       labels=SLOTS, row=lambda ex, rng: dict(
+                           question=ex["question"], **{f"o{i}": t for i, t in enumerate(ex["choices"]["text"])},
+                           label=ex["choices"]["label"].index(ex["answerKey"]))),
+    "gsm8k": dict(paper="GSM8K", hub=("openai/gsm8k", "main"), splits=("train", "test"), template=QA, labels=None,
+                  gen=200, row=lambda ex, rng: dict(question=ex["question"], answer=ex["answer"])),
+    "gsm8ks": dict(paper="GSM8Ks", hub=("apple/GSM-Symbolic", "main"), splits=(None, "test"), template=QA,
+                   labels=None, gen=200, row=lambda ex, rng: dict(question=ex["question"], answer=ex["answer"])),
+    "hmath_algebra": dict(paper="HMathA", hub=("EleutherAI/hendrycks_math", "algebra"), splits=("train", "test"),
+                          template=QA, labels=None, gen=400,
+                          row=lambda ex, rng: dict(question=ex["problem"], answer=ex["solution"])),
+    "sciqa": dict(paper="SciQ", hub=("allenai/sciq", None), splits=("train", "validation"), template=QA, labels=None,
+                  gen=200, row=lambda ex, rng: dict(question=ex["question"],
+                                                    answer=f"{ex['support']}\n#### {ex['correct_answer']}")),
 }
 
 
-def make_prompt(template: str, query: str, demos=()) -> str:
-    """Demos are 'question+answer', joined by a blank line; one more precedes the query."""
-    return "".join(d + "\n\n" for d in demos) + template.format(text=query)
+def task_table() -> str:
+    """--list-tasks: the table above, one line per task."""
+    lines = ["| task | paper | kind | Hub id (config) | pool -> eval split | template | labels |", "|---" * 7 + "|"]
+    for name, t in TASKS.items():
+        hub = t["hub"][0] + (f" ({t['hub'][1]})" if t["hub"][1] else "")
+        pool, ev = t["splits"]
+        splits = f"{ev}, eval only" if pool is None else f"{pool} -> {ev or 'last 500 of ' + pool}"
+        kind = "single-token" if t["labels"] else f"multi-token, {t['gen']} new tokens"
+        labels = " ".join(t["labels"]) if t["labels"] else "answer text + EOS"
+        lines.append(f"| {name} | {t['paper']} | {kind} | {hub} | {splits} | {t['template']!r} | {labels} |")
+    return "\n".join(lines)
 
 
-def load_data(cfg: Config, task: dict, n_labels: int):
-    """Returns (pool, eval_set), lists of (text, label_index)."""
+def make_prompt(x: str, demos=()) -> str:
+    """Demos are 'question+answer', joined by a blank line; one more precedes the query X."""
+    return "".join(d + "\n\n" for d in demos) + x
+
+
+def answer_text(labels, y) -> str:
+    return labels[y] if labels else y  # single-token: the label string; multi-token: the answer itself
+
+
+def load_task(cfg: Config, name: str, labels, path=None):
+    """Returns (pool, eval_set), lists of (X, y): the filled template and the label index or answer text.
+    Each split is shuffled with seed 42 (the official code's datasets .shuffle(seed=42)) before the
+    first --pool-size (pool) and --eval-size (eval) records are kept."""
+    task = TASKS[name]
+    pool_split, eval_split = task["splits"]
+    if path:
+        recs = shuffled(read_local(path, task))
+        n_eval = len(recs) if pool_split is None else min(cfg.eval_size, len(recs) // 2)
+        pool, ev = recs[:len(recs) - n_eval], recs[len(recs) - n_eval:]
+    else:
+        pool = hub_records(task, pool_split) if pool_split else []
+        ev = hub_records(task, eval_split) if eval_split else pool[len(pool) - cfg.eval_size:]
+        pool = pool if eval_split else pool[:len(pool) - cfg.eval_size]
+    rows = lambda recs: [(task["template"].format(**r), r["label" if labels else "answer"]) for r in recs]
+    return check_rows(rows(pool[:cfg.pool_size]), labels), check_rows(rows(ev[:cfg.eval_size]), labels)
+
+
+def shuffled(recs: list) -> list:
+    return [recs[i] for i in np.random.default_rng(42).permutation(len(recs))]  # = datasets' .shuffle(seed=42)
+
+
+def hub_records(task: dict, split: str) -> list:
     import datasets
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    if cfg.data:
-        kinds = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-        kind = kinds.get(os.path.splitext(cfg.data)[1].lower())
-        if not os.path.isfile(cfg.data):
-            raise IA2Error(f"data file not found: {cfg.data}")
-        if kind is None:
-            raise IA2Error(f"--data must end in .csv, .jsonl or .parquet, got {cfg.data}")
-        try:
-            ds = datasets.load_dataset(kind, data_files=cfg.data, split="train").shuffle(seed=42)
-        except Exception as e:
-            raise IA2Error(f"cannot read {cfg.data}: {str(e).splitlines()[0]}")
-        if "text" not in ds.column_names or "label" not in ds.column_names:
-            raise IA2Error(f"{cfg.data} needs columns 'text' and 'label', found {ds.column_names}")
-        text, n_eval = "text", min(cfg.eval_size, len(ds) // 2)
-        ev, pool = ds.select(range(len(ds) - n_eval, len(ds))), ds.select(range(len(ds) - n_eval))
-    else:
-        try:
-            pool = datasets.load_dataset(task["hub"], split=task["pool_split"]).shuffle(seed=42)
-            ev = datasets.load_dataset(task["hub"], split=task["eval_split"]).shuffle(seed=42)
-        except Exception as e:
-            raise IA2Error(f"cannot load {task['hub']} from the Hub ({str(e).splitlines()[0]}); "
-                           "use --data FILE for a local copy")
-        text, ev = task["text"], ev.select(range(min(cfg.eval_size, len(ev))))
-    pool = pool.select(range(min(cfg.pool_size, len(pool))))
-    return _rows(pool, text, n_labels), _rows(ev, text, n_labels)
+    try:
+        ds = datasets.load_dataset(task["hub"][0], task["hub"][1], split=split)
+    except Exception as e:
+        raise IA2Error(f"cannot load {task['hub'][0]} from the Hub ({str(e).splitlines()[0]}); "
+                       "use --data FILE for a local copy")
+    rng = np.random.RandomState(42)  # sciq_remap's option order
+    return [r for r in (task["row"](ex, rng) for ex in shuffled(ds.to_list())) if r is not None]
 
 
-def _rows(ds, text: str, n_labels: int):
-    rows = list(zip(ds[text], ds["label"]))
-    for t, y in rows:
-        if not (isinstance(t, str) and isinstance(y, int) and 0 <= y < n_labels):
-            raise IA2Error(f"bad row (text={str(t)[:40]!r}, label={y!r}): labels must be integers in "
-                           f"0..{n_labels - 1}, one per label string, and text a string")
+def read_local(path: str, task: dict) -> list:
+    """A local file holds the records already converted: the template's fields plus label or answer."""
+    import datasets
+    import string
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    ext = os.path.splitext(path)[1].lower()
+    kind = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(ext)
+    if not os.path.isfile(path):
+        raise IA2Error(f"data file not found: {path}")
+    if kind is None:
+        raise IA2Error(f"--data must end in .csv, .jsonl or .parquet, got {path}")
+    try:
+        ds = datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as e:
+        raise IA2Error(f"cannot read {path}: {str(e).splitlines()[0]}")
+    need = [f for _, f, _, _ in string.Formatter().parse(task["template"]) if f] + \
+        ["label" if task["labels"] else "answer"]
+    if set(need) - set(ds.column_names):
+        raise IA2Error(f"{path} needs columns {', '.join(map(repr, need[:-1]))} and {need[-1]!r}, "
+                       f"found {ds.column_names}")
+    return ds.to_list()
+
+
+def check_rows(rows: list, labels) -> list:
+    for x, y in rows:
+        ok = isinstance(y, int) and 0 <= y < len(labels) if labels else isinstance(y, str)
+        if not ok:
+            raise IA2Error(f"bad row (prompt={x[:40]!r}, {'label' if labels else 'answer'}={y!r}): " +
+                           (f"labels must be integers in 0..{len(labels) - 1}, one per label string"
+                            if labels else "answers must be strings"))
     return rows
 
 
@@ -199,29 +305,36 @@ def encode(tok, prompt: str) -> list:
     return tok(prompt).input_ids  # with the tokenizer's BOS, if it adds one (Llama, Gemma do; Qwen does not)
 
 
-def training_items(tok, task, labels, train, dev, seed):
+def target_ids(tok, labels, y) -> list:
+    """The ground-truth SFT target: the label's one token, or the answer's tokens + EOS (spec §3),
+    tokenised apart from the prompt (official code)."""
+    ids = tok(answer_text(labels, y), add_special_tokens=False).input_ids
+    return ids if labels else ids + [tok.eos_token_id]
+
+
+def training_items(tok, labels, train, dev, seed):
     """Each training query sees the other N-1 examples as demos, in a random order of its own;
     dev example j reuses training example j's demos (official code)."""
     rng = np.random.RandomState(seed)
-    shots = [make_prompt(task["template"], t) + labels[y] for t, y in train]
+    shots = [x + answer_text(labels, y) for x, y in train]
     demo_sets = []
     for i in range(len(train)):
         others = [shots[j] for j in range(len(train)) if j != i]
         demo_sets.append([others[k] for k in rng.permutation(len(others))])
-    items = lambda rows: [dict(x=encode(tok, make_prompt(task["template"], t)), y=y,
-                               icl=encode(tok, make_prompt(task["template"], t, demo_sets[j])))
-                          for j, (t, y) in enumerate(rows)]
+    items = lambda rows: [dict(x=encode(tok, x), y=y, y_ids=target_ids(tok, labels, y),
+                               icl=encode(tok, make_prompt(x, demo_sets[j]))) for j, (x, y) in enumerate(rows)]
     return items(train), items(dev)
 
 
-def icl_eval_prompts(tok, task, labels, demos_pool, eval_set, k, seed):
-    """ICL evaluation: k = N-1 demos per query drawn from the held-out rest of the pool."""
+def icl_eval_prompts(tok, labels, demos_pool, eval_set, k, seed):
+    """ICL evaluation: k = N-1 demos per query drawn from the held-out rest of the pool. For an OOD
+    task the pool and `labels` are the source task's, the queries the OOD task's (§5)."""
     rng = np.random.RandomState(seed)
     out = []
-    for t, _ in eval_set:
-        demos = [make_prompt(task["template"], demos_pool[i][0]) + labels[demos_pool[i][1]]
+    for x, _ in eval_set:
+        demos = [demos_pool[i][0] + answer_text(labels, demos_pool[i][1])
                  for i in rng.choice(len(demos_pool), k, replace=False)]
-        out.append(encode(tok, make_prompt(task["template"], t, demos)))
+        out.append(encode(tok, make_prompt(x, demos)))
     return out
 
 
@@ -341,80 +454,146 @@ def capture_activations(model):
 
 def pad_right(seqs: list, pad_id: int, device):
     """Right padding: under causal attention the pads come after every real token, so they never
-    change them, and each prompt's last token keeps its index d = len(prompt) - 1."""
+    change them, and every position keeps its index."""
     R = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), R), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), R), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    last = torch.tensor([len(s) - 1 for s in seqs])
-    return ids.to(device), mask.to(device), last.to(device)
+    return ids.to(device), mask.to(device)
 
 
-def forward(model, seqs: list, capture=False):
-    """One forward over a batch of token lists. Returns the fp32 logits at each last prompt token
-    (B, V) and, with capture, the self-attention outputs there (B, L, D)."""
-    ids, mask, last = pad_right(seqs, model.config.pad_token_id or 0, model.device)
-    rows = torch.arange(len(seqs), device=model.device)
+def lm_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """fp32 logits from final hidden states; the LM head runs only where it is read (V is large)."""
+    logits = model.lm_head(h).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def forward(model, prompts: list, targets=None, capture=False, logits=True):
+    """Teacher-forced forward over a right-padded batch of X∘target. Position d+t, with d = len(X)-1
+    the last prompt token, predicts target[t] for t = 0..T-1 (T: the longest target; without
+    targets T=1 and only X is read). The last target token is never read, so it is not fed.
+    Returns fp32 logits (B, T, V), or None, and with capture the self-attention outputs (B, L, T, D)."""
+    T = max(map(len, targets)) if targets else 1
+    seqs = [x + list(y[:-1]) for x, y in zip(prompts, targets)] if targets else prompts
+    ids, mask = pad_right(seqs, model.config.pad_token_id or 0, model.device)
+    d = torch.tensor([len(x) - 1 for x in prompts])
+    at = (d[:, None] + torch.arange(T)).clamp(max=ids.shape[1] - 1).to(model.device)  # (B, T): d+t
+    rows = torch.arange(len(seqs), device=model.device)[:, None]
     with capture_activations(model) if capture else contextlib.nullcontext() as acts:
         h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    logits = model.lm_head(h[rows, last]).float()  # the LM head only where it is read: V is large
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    return logits, torch.stack([a[rows, last] for a in acts], 1) if capture else None
+    return (lm_logits(model, h[rows, at]) if logits else None,
+            torch.stack([a[rows, at] for a in acts], 1) if capture else None)
 
 
 # -----------------------------------------------------------------------------
-# 4. The teacher: the base model reading the N-1 demos, then the query (§4)
+# 4. The teacher: the base model reading the N-1 demos, then the query (§3, §4)
 
 
 @torch.no_grad()
-def teacher(model, items: list, bs: int):
-    """Adds to each item A_ICL (L, D) at d_icl and Ŷ, the teacher's greedy answer. With T=1 one
-    forward gives both; the activations stay in the base dtype."""
+def generate(model, prompts: list, max_new: int, eos_id: int, stop=None, capture=False, scores=False):
+    """Greedy decoding of a batch with a KV cache; the teacher rollout (§3) and the evaluation (§7).
+    Left padding puts every prompt's last token in the last column, and position_ids = cumsum(mask)-1
+    give each row the positions it has alone (tested against batch size 1). Each step feeds one token
+    per row. A row ends after emitting EOS (kept, with its activations, as in the official rollout)
+    or once stop(tokens) is true. Returns per row: tokens (T',), acts (L, T', D) in the base dtype and
+    logp (T', V) fp32 (the step's log-probabilities), both on the CPU. The official rollout re-runs
+    the whole sequence each step; a test checks that tokens and activations are the same."""
+    B, R, dev = len(prompts), max(map(len, prompts)), model.device
+    ids = torch.full((B, R), model.config.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros((B, R), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, R - len(p):], mask[i, R - len(p):] = torch.tensor(p), 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos, cache = (mask.cumsum(1) - 1).clamp(min=0), None
+    tokens, done, acts_t, logp_t = [[] for _ in range(B)], [False] * B, [], []
+    for _ in range(max_new):
+        with capture_activations(model) if capture else contextlib.nullcontext() as acts:
+            out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                              use_cache=True)
+        cache, logits = out.past_key_values, lm_logits(model, out.last_hidden_state[:, -1])  # (B, V)
+        if capture:
+            acts_t.append(torch.stack([a[:, -1] for a in acts], 1).cpu())  # (B, L, D) at this step's position
+        if scores:
+            logp_t.append(logits.log_softmax(-1).cpu())
+        nxt = logits.argmax(-1)
+        for i, y in enumerate(nxt.tolist()):
+            if not done[i]:
+                tokens[i].append(y)
+                done[i] = y == eos_id or (stop is not None and stop(tokens[i]))
+        if all(done):
+            break
+        ids, pos, mask = nxt[:, None], pos[:, -1:] + 1, torch.cat([mask, mask.new_ones(B, 1)], 1)
+    return [dict(tokens=tk, acts=torch.stack([a[i] for a in acts_t[:len(tk)]], 1) if capture else None,
+                 logp=torch.stack([p[i] for p in logp_t[:len(tk)]]) if scores else None)
+            for i, tk in enumerate(tokens)]
+
+
+def teacher(model, items: list, T: int, eos_id: int, scores=False, bs: int = 4):
+    """Adds to each item Ŷ (y_icl, T' <= T tokens), A_ICL (L, T', D) at d_icl+t, and for kd the
+    teacher's log-probabilities (T', V): one greedy rollout of the base model on I∘X, with no "\n\n"
+    stop (official code). Single-token tasks: T=1, one forward. Activations stay in the base dtype
+    on the CPU: (L·T'·D) numbers per example (README, Memory)."""
     with lora_disabled(model):
         for i in range(0, len(items), bs):
             batch = items[i:i + bs]
-            logits, acts = forward(model, [it["icl"] for it in batch], capture=True)
-            for it, a, y in zip(batch, acts, logits.argmax(-1).tolist()):
-                it["A_icl"], it["y_icl"] = a, y
+            for it, o in zip(batch, generate(model, [it["icl"] for it in batch], T, eos_id, capture=True,
+                                             scores=scores)):
+                it.update(y_icl=o["tokens"], A_icl=o["acts"], logp_icl=o["logp"])
     return items
 
 
 # -----------------------------------------------------------------------------
-# 5. The losses (Eq. 2, Eq. 4, §6)
+# 5. The losses (Eq. 2, Eq. 4, §6, Table 4), each averaged within an example, then over the batch
 
 
-def ia2_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """(B, L, D) student and teacher activations at the aligned position.
-    L_IA2 = L · mean((S - A_ICL)²): the per-layer MSE summed over layers (official code;
-    Eq. 4 writes a norm). With one position per example, the batch mean is the mean of
-    the per-example losses."""
-    return student.shape[1] * (student.float() - teacher.float()).pow(2).mean()
+def ia2_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, T, D) student and teacher activations at the aligned positions, mask (B, T) the real ones.
+    L_IA2 = L · mean((S - A_ICL)²) over (L, T', D): the per-layer MSE summed over layers (official
+    code; Eq. 4 writes a norm)."""
+    se = (student.float() - teacher.float()).pow(2).mean(-1) * mask[:, None]  # (B, L, T)
+    per_layer_mse = se.sum(-1) / mask.sum(-1, keepdim=True)  # (B, L)
+    return per_layer_mse.sum(1).mean()
 
 
 def sft_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced cross-entropy of the target token at the last prompt token (Eq. 2, T=1)."""
-    return F.cross_entropy(logits.float(), target)
+    """Teacher-forced cross-entropy (official code; Eq. 2 generates) of the target tokens (B, T),
+    -100 where there is none, averaged over each example's tokens."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+    return (ce.sum(1) / (target != -100).sum(1)).mean()
 
 
-def objective_loss(model, objective: str, batch: list, label_ids: list, beta: float):
-    """The student reads only the query X. Objectives: sft (ground truth Y), sft_icl (targets Ŷ),
-    ia2, ia2_plus_sft = (1-β)·L_IA2 + β·L_SFT(Ŷ) in one forward (official code's convex form)."""
+def kd_loss(logits: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Soft labels (Table 4 "SFT (soft labels)"): KL(p_ICL,t ‖ p_student,t) summed over the whole
+    vocabulary at each aligned position, averaged over positions. (B, T, V) logits and log-probs."""
+    logq = logits.float().log_softmax(-1)
+    kl = (teacher_logp.exp() * (teacher_logp - logq)).sum(-1)  # Σ_v p log(p/q), (B, T)
+    return ((kl * mask).sum(1) / mask.sum(1)).mean()
+
+
+def padded(xs: list, T: int) -> torch.Tensor:
+    """Stack (..., T', k) tensors, zero-padded to T along their second-to-last dimension."""
+    return torch.stack([F.pad(x, (0, 0, 0, T - x.shape[-2])) for x in xs])
+
+
+def objective_loss(model, objective: str, batch: list, beta: float):
+    """The student reads X∘target and is read at d_q+t. Objectives: sft (target: ground truth Y),
+    sft_icl (Ŷ), ia2, ia2_plus_sft = (1-β)·L_IA2 + β·L_SFT(Ŷ) in one forward (official code's
+    convex form), kd (Ŷ's positions, the teacher's distributions)."""
+    targets = [it["y_ids"] if objective == "sft" else it["y_icl"] for it in batch]
     needs_acts = objective in ("ia2", "ia2_plus_sft")
-    logits, acts = forward(model, [it["x"] for it in batch], capture=needs_acts)
-    dev = logits.device
-    y = torch.tensor([label_ids[it["y"]] for it in batch], device=dev)
-    if objective == "sft":
-        return sft_loss(logits, y)
-    y_icl = torch.tensor([it["y_icl"] for it in batch], device=dev)
-    if objective == "sft_icl":
-        return sft_loss(logits, y_icl)
-    l_ia2 = ia2_loss(acts, torch.stack([it["A_icl"] for it in batch]).to(dev))
+    logits, acts = forward(model, [it["x"] for it in batch], targets, capture=needs_acts, logits=objective != "ia2")
+    T, dev = max(map(len, targets)), model.device
+    target = torch.tensor([y + [-100] * (T - len(y)) for y in targets], device=dev)
+    if objective in ("sft", "sft_icl"):
+        return sft_loss(logits, target)
+    if objective == "kd":
+        return kd_loss(logits, padded([it["logp_icl"] for it in batch], T).to(dev), target != -100)
+    l_ia2 = ia2_loss(acts, padded([it["A_icl"] for it in batch], T).to(dev), target != -100)
     if objective == "ia2":
         return l_ia2
-    return (1 - beta) * l_ia2 + beta * sft_loss(logits, y_icl)
+    return (1 - beta) * l_ia2 + beta * sft_loss(logits, target)
 
 
 # -----------------------------------------------------------------------------
@@ -422,14 +601,13 @@ def objective_loss(model, objective: str, batch: list, label_ids: list, beta: fl
 
 
 @torch.no_grad()
-def dev_loss(model, objective, dev, label_ids, cfg):
+def dev_loss(model, objective, dev, cfg):
     bs = min(cfg.batch_size, cfg.n_train)
     batches = [dev[i:i + bs] for i in range(0, len(dev), bs)]
-    return sum(objective_loss(model, objective, b, label_ids, cfg.beta).item() * len(b) for b in batches) / len(dev)
+    return sum(objective_loss(model, objective, b, cfg.beta).item() * len(b) for b in batches) / len(dev)
 
 
-def train(model, objective: str, train_set: list, dev: list, label_ids: list, cfg: Config, lr: float,
-          seed: int, tag: str):
+def train(model, objective: str, train_set: list, dev: list, cfg: Config, lr: float, seed: int, tag: str):
     """Adam (no weight decay, no schedule) on the LoRA parameters; one right-padded batch of
     min(4, N) examples per step; dev loss every 2 steps and at each epoch end; stop after
     `patience` checks without a new best, and restore the best adapter (the official code
@@ -441,7 +619,7 @@ def train(model, objective: str, train_set: list, dev: list, label_ids: list, cf
     for epoch in range(cfg.epochs):
         order = rng.permutation(len(train_set))
         for i in range(0, len(order), bs):
-            loss = objective_loss(model, objective, [train_set[j] for j in order[i:i + bs]], label_ids, cfg.beta)
+            loss = objective_loss(model, objective, [train_set[j] for j in order[i:i + bs]], cfg.beta)
             if not torch.isfinite(loss):
                 raise IA2Error(f"{tag}: the training loss became {loss.item()} at step {step}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -450,7 +628,7 @@ def train(model, objective: str, train_set: list, dev: list, label_ids: list, cf
             step += 1
             if step % 2 and i + bs < len(order):
                 continue  # check every 2 steps, and at each epoch's end
-            d = dev_loss(model, objective, dev, label_ids, cfg)
+            d = dev_loss(model, objective, dev, cfg)
             if d < best:
                 best, best_state, bad = d, lora_state(model), 0
             else:
@@ -465,7 +643,8 @@ def train(model, objective: str, train_set: list, dev: list, label_ids: list, cf
 
 
 # -----------------------------------------------------------------------------
-# 7. Evaluation: one forward, the full-vocabulary softmax at the last prompt token (§5)
+# 7. Evaluation (§5, §7). Single-token tasks: one forward, the full-vocabulary softmax at the last
+#    prompt token. Multi-token tasks: greedy generation, answer parsing, exact match.
 
 
 @torch.no_grad()
@@ -476,7 +655,7 @@ def predict(model, seqs: list, label_ids: list, bs: int = 32):
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for k in tqdm(range(0, len(order), bs), desc="eval", leave=False, disable=None):  # bar on a terminal only
         idx = order[k:k + bs]
-        probs = forward(model, [seqs[i] for i in idx])[0].softmax(-1)
+        probs = forward(model, [seqs[i] for i in idx])[0][:, 0].softmax(-1)
         p, ids = probs.topk(10, dim=-1)
         for j, i in enumerate(idx):
             top_p[i], top_id[i], label_p[i] = p[j].cpu(), ids[j].cpu(), probs[j, label_ids].cpu()
@@ -526,6 +705,73 @@ def top1_correct(top_id: np.ndarray, gold: np.ndarray, tok, labels: list) -> np.
     return np.array([w == labels[g].strip() for w, g in zip(words, gold)], dtype=float)
 
 
+def boxed(text: str):
+    """The content of the last \boxed{...}, nested braces included; None without one."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # unbalanced: the generation was cut off
+
+
+NUMBER = r"-?[\d,]*\.?\d+"
+
+
+def clean_number(s: str):
+    """'$1,234.50' -> '1234.5', '72.0' -> '72', '5.' -> '5'; None if there is no number."""
+    found = re.findall(NUMBER, s.replace("$", ""))
+    if not found:
+        return None
+    n = found[0].replace(",", "")
+    return n.rstrip("0").rstrip(".") if "." in n else n
+
+
+def parse_answer(task: str, text: str):
+    """The final answer of a generation or of a ground-truth answer, parsed the same way (spec §7).
+    gsm8k, gsm8ks: \boxed{x}, '#### x', 'answer is x', 'Answer: x', else the last number; cleaned.
+    hmath_algebra: the last \boxed{} (spaces removed). sciqa: the text after the last '####'."""
+    if task == "sciqa":
+        return text.split("####")[-1].strip()
+    if task == "hmath_algebra":
+        b = boxed(text)
+        return None if b is None else "".join(b.split())
+    b = boxed(text)
+    if b is not None and clean_number(b) is not None:
+        return clean_number(b)
+    for pattern in (r"####\s*(.*)", r"answer is[:\s]*(.*)", r"Answer:\s*(.*)"):
+        found = re.findall(pattern, text, flags=re.IGNORECASE)
+        if found and clean_number(found[-1]) is not None:
+            return clean_number(found[-1])
+    numbers = re.findall(NUMBER, text.replace("$", ""))
+    return clean_number(numbers[-1]) if numbers else None
+
+
+def generate_texts(model, tok, seqs: list, max_new: int, bs: int = 16) -> list:
+    """Greedy continuations, stopped at EOS or at the first "\n\n" (§7) and cut there. Prompts are
+    sorted by length so that batches carry little padding."""
+    stop = lambda ids: "\n\n" in tok.decode(ids[-2:])  # "\n\n" may be one token or two
+    texts, order = [None] * len(seqs), sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for k in tqdm(range(0, len(order), bs), desc="generate", leave=False, disable=None):
+        idx = order[k:k + bs]
+        for i, o in zip(idx, generate(model, [seqs[i] for i in idx], max_new, tok.eos_token_id, stop=stop)):
+            texts[i] = tok.decode(o["tokens"], skip_special_tokens=True).split("\n\n")[0]
+    return texts
+
+
+def generation_metrics(model, tok, ev: dict, seqs: list, max_new: int, show: int = 0, tag: str = "") -> dict:
+    """Exact-match accuracy of the parsed answers; prints the first `show` generations."""
+    texts = generate_texts(model, tok, seqs, max_new)
+    pred = [parse_answer(ev["name"], t) for t in texts]
+    gold = [parse_answer(ev["name"], y) for _, y in ev["eval_set"]]
+    for i in range(min(show, len(texts))):
+        print(f"[{tag}] example {i}: ...{texts[i][-160:]!r} -> {pred[i]!r} (gold {gold[i]!r})")
+    return dict(accuracy=100 * float(np.mean([p is not None and p == g for p, g in zip(pred, gold)])))
+
+
 # -----------------------------------------------------------------------------
 # 8. The experiment: every method x lr x run, then the paper's lr selection (§5)
 
@@ -562,48 +808,95 @@ def label_tokens(tok, labels: list) -> list:
 
 
 def setup(cfg: Config) -> dict:
-    """Everything that can fail on the user's input fails here, before anything is written."""
-    if cfg.task not in TASKS:
-        raise IA2Error(f"unknown task {cfg.task!r}; known: {', '.join(TASKS)}")
+    """Everything that can fail on the user's input fails here, before anything is written. Returns
+    the source task's view (its pool, labels, eval set) and, in E["evals"], one per evaluated task."""
+    names = list(dict.fromkeys(cfg.eval_tasks or [cfg.task]))
+    for name in [cfg.task] + names:
+        if name not in TASKS:
+            raise IA2Error(f"unknown task {name!r}; known: {', '.join(TASKS)} (--list-tasks)")
+    if TASKS[cfg.task]["splits"][0] is None:
+        raise IA2Error(f"{cfg.task} is an evaluation-only task (the paper trains on another task and evaluates "
+                       f"on it OOD), e.g. --task {PAIRED.get(cfg.task, 'sst2')} --eval-tasks {cfg.task}")
+    multi = TASKS[cfg.task]["labels"] is None
+    if any((TASKS[n]["labels"] is None) != multi for n in names):
+        raise IA2Error("--eval-tasks must be all single-token or all multi-token, like --task " + cfg.task)
+    if cfg.labels and multi:
+        raise IA2Error("--labels is for single-token tasks; multi-token tasks answer with text")
     if set(cfg.methods) - set(METHODS):
         raise IA2Error(f"unknown method(s) {sorted(set(cfg.methods) - set(METHODS))}; known: {' '.join(METHODS)}")
-    if cfg.n_train < 2 or cfg.runs < 1 or cfg.eval_size < 1:
-        raise IA2Error("need --n-train >= 2 (one training example plus its demos), --runs >= 1, --eval-size >= 1")
+    T = cfg.max_new_tokens
+    if cfg.n_train < 2 or cfg.runs < 1 or cfg.eval_size < 1 or (T is not None and T < 1):
+        raise IA2Error("need --n-train >= 2 (one training example plus its demos), --runs >= 1, --eval-size >= 1, "
+                       "--max-new-tokens >= 1")
     if min(cfg.lr) <= 0 or not 0 <= cfg.beta <= 1:
         raise IA2Error("need --lr > 0 and 0 <= --beta <= 1")
-    task = TASKS[cfg.task]
-    labels = cfg.labels or task["labels"]
+    files = {}  # --data FILE or TASK=FILE ...
+    for d in [cfg.data] if isinstance(cfg.data, str) else cfg.data or ():  # a str in run folders before issue 5
+        name, path = d.split("=", 1) if d.split("=", 1)[0] in TASKS else (cfg.task, d)
+        if name not in [cfg.task] + names:
+            raise IA2Error(f"--data {d}: {name} is neither --task nor one of --eval-tasks")
+        files[name] = path
     device, dtype = pick_device(cfg.device)
     tok, model = load_model(cfg.model, device, dtype)
-    label_ids = label_tokens(tok, labels)
-    pool, eval_set = load_data(cfg, task, len(labels))
+    if multi and tok.eos_token_id is None:
+        raise IA2Error(f"{cfg.model}'s tokenizer has no EOS token; multi-token targets end with one")
+    views = {n: task_view(cfg, tok, n, files.get(n)) for n in dict.fromkeys([cfg.task] + names)}
     need = cfg.n_train + min(48, cfg.n_train // 2) + cfg.n_train - 1
-    if len(pool) < need:
+    if len(views[cfg.task]["pool"]) < need:
         raise IA2Error(f"N={cfg.n_train} needs {need} pool examples (N train, min(48, N//2) dev, N-1 ICL "
-                       f"demos), the data has {len(pool)}")
+                       f"demos), the data has {len(views[cfg.task]['pool'])}")
     add_lora(model, r=cfg.rank, alpha=cfg.rank)
-    queries = [encode(tok, make_prompt(task["template"], t)) for t, _ in eval_set]
-    return dict(task=task, labels=labels, tok=tok, model=model, label_ids=label_ids, pool=pool,
-                eval_set=eval_set, queries=queries, gold=np.array([y for _, y in eval_set]))
+    return dict(tok=tok, model=model, **views[cfg.task], evals=[views[n] for n in names])
+
+
+PAIRED = {"poems": "sst2", "bbcnews": "agnews", "qasc_remap": "sciq_remap", "gsm8ks": "gsm8k"}  # §6 pairings
+
+
+def task_view(cfg: Config, tok, name: str, path=None) -> dict:
+    """One task's labels (and their token ids), pool, eval set and encoded eval queries X."""
+    task, labels = TASKS[name], TASKS[name]["labels"]
+    if labels and cfg.labels:
+        if len(cfg.labels) != len(labels):
+            raise IA2Error(f"--labels gives {len(cfg.labels)} labels, task {name} has {len(labels)}")
+        labels = list(cfg.labels)
+    label_ids = label_tokens(tok, labels) if labels else None
+    pool, eval_set = load_task(cfg, name, labels, path)
+    return dict(name=name, task=task, labels=labels, label_ids=label_ids, pool=pool, eval_set=eval_set,
+                queries=[encode(tok, x) for x, _ in eval_set], gold=np.array([y for _, y in eval_set], dtype=object
+                                                                              if labels is None else int))
+
+
+def evaluate(cfg: Config, E: dict, ev: dict, seqs: list, show: int = 0, tag: str = "") -> dict:
+    """Prompts `seqs` of eval task `ev` through the model as it is (base or adapter)."""
+    if ev["labels"]:
+        return metrics(predict(E["model"], seqs, ev["label_ids"]), ev["gold"], E["tok"], ev["labels"])
+    return generation_metrics(E["model"], E["tok"], ev, seqs, cfg.max_new_tokens or ev["task"]["gen"], show, tag)
 
 
 def one_run(cfg: Config, E: dict, r: int, records: dict, timing: dict, tmp: str):
-    """Run r: draw N examples, compute the teacher once, then train and evaluate every method."""
-    model, s, tick = E["model"], cfg.seed + r, time.time()
+    """Run r: draw N examples, compute the teacher once, then train every method and evaluate it
+    on every eval task."""
+    model, tok, s, tick = E["model"], E["tok"], cfg.seed + r, time.time()
     train_rows, dev_rows, rest = few_shot_split(E["pool"], cfg.n_train, s)
-    tr, dv = training_items(E["tok"], E["task"], E["labels"], train_rows, dev_rows, s)
-    if set(cfg.methods) & {"sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft"}:
-        teacher(model, tr + dv, bs=cfg.batch_size)
+    tr, dv = training_items(tok, E["labels"], train_rows, dev_rows, s)
+    if set(cfg.methods) & {"sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft", "kd"}:
+        T = 1 if E["labels"] else cfg.max_new_tokens or 200  # §3: T=1 single-token, G=200 multi-token
+        teacher(model, tr + dv, T, tok.eos_token_id, scores="kd" in cfg.methods, bs=cfg.batch_size)
         timing["teacher"] += time.time() - tick
-        print(f"[run {r}] teacher ICL answers on the {len(tr)} training examples: "
-              f"{sum(it['y_icl'] == E['label_ids'][it['y']] for it in tr)}/{len(tr)} correct")
-    evaluate = lambda seqs: metrics(predict(model, seqs, E["label_ids"]), E["gold"], E["tok"], E["labels"])
-    if "icl" in cfg.methods:
+        if E["labels"]:
+            ok = sum(it["y_icl"][0] == it["y_ids"][0] for it in tr)
+        else:
+            answer = lambda it: tok.decode(it["y_icl"], skip_special_tokens=True).split("\n\n")[0]
+            ok = sum(parse_answer(E["name"], answer(it)) == parse_answer(E["name"], it["y"]) for it in tr)
+        print(f"[run {r}] teacher: {np.mean([len(it['y_icl']) for it in tr + dv]):.0f} tokens per rollout; "
+              f"ICL answers on the {len(tr)} training examples: {ok}/{len(tr)} correct")
+    for ev in E["evals"] if "icl" in cfg.methods else []:
         tick = time.time()
-        prompts = icl_eval_prompts(E["tok"], E["task"], E["labels"], rest, E["eval_set"], cfg.n_train - 1, s)
+        prompts = icl_eval_prompts(tok, E["labels"], rest, ev["eval_set"], cfg.n_train - 1, s)
         with lora_disabled(model):
-            records["icl"].setdefault(None, []).append(dict(run=r, **evaluate(prompts)))
-        timing["eval/icl"] += time.time() - tick
+            rec = evaluate(cfg, E, ev, prompts, show=2 * (r == 0), tag=f"icl run {r} on {ev['name']}")
+        records[ev["name"]]["icl"].setdefault(None, []).append(dict(run=r, **rec))
+        timing[f"eval/{ev['name']}/icl"] += time.time() - tick
     for lr in cfg.lr:
         ia2_state = None
         for m in [m for m in TRAINED if m in cfg.methods]:
@@ -613,18 +906,21 @@ def one_run(cfg: Config, E: dict, r: int, records: dict, timing: dict, tmp: str)
                 mod.reset()
             if m == "ia2_then_sft":  # continue the IA2 adapter of the same (lr, run) with SFT
                 if ia2_state is None:
-                    train(model, "ia2", tr, dv, E["label_ids"], cfg, lr, s, tag + " (ia2 phase)")
+                    train(model, "ia2", tr, dv, cfg, lr, s, tag + " (ia2 phase)")
                 else:
                     load_lora_state(model, ia2_state)
-            best, steps = train(model, "sft" if m == "ia2_then_sft" else m, tr, dv, E["label_ids"], cfg, lr, s, tag)
+            best, steps = train(model, "sft" if m == "ia2_then_sft" else m, tr, dv, cfg, lr, s, tag)
             if m == "ia2":
                 ia2_state = lora_state(model)
             timing[f"train/{m}"] += time.time() - tick
-            tick = time.time()
-            rec = dict(run=r, **evaluate(E["queries"]), dev_loss=best, steps=steps)
-            records[m].setdefault(lr, []).append(rec)
-            timing[f"eval/{m}"] += time.time() - tick
-            print(f"[{tag}] acc {rec['accuracy']:.1f} | ece {rec['ece']:.3f} | best dev {best:.4f} | {steps} steps")
+            for ev in E["evals"]:
+                tick = time.time()
+                rec = dict(run=r, **evaluate(cfg, E, ev, ev["queries"], show=2 * (r == 0 and lr == cfg.lr[0]),
+                                             tag=f"{tag} on {ev['name']}"), dev_loss=best, steps=steps)
+                records[ev["name"]][m].setdefault(lr, []).append(rec)
+                timing[f"eval/{ev['name']}/{m}"] += time.time() - tick
+                print(f"[{tag}] {ev['name']}: acc {rec['accuracy']:.1f}" +
+                      (f" | ece {rec['ece']:.3f}" if "ece" in rec else "") + f" | best dev {best:.4f} | {steps} steps")
             save_adapter(model, os.path.join(tmp, "adapters", m, f"lr{lr:g}", f"run{r}"), cfg)
 
 
@@ -633,8 +929,9 @@ def summarize(records: dict) -> dict:
     the best mean top-1 accuracy on the eval set. The lr with the lowest mean dev loss is reported too."""
     out = {}
     for m, by_lr in records.items():
-        rows = {lr: dict(runs=runs, mean={k: float(np.mean([x[k] for x in runs])) for k in METRICS},
-                         std={k: float(np.std([x[k] for x in runs])) for k in METRICS}) for lr, runs in by_lr.items()}
+        keys = [k for k in METRICS if k in next(iter(by_lr.values()))[0]]
+        rows = {lr: dict(runs=runs, mean={k: float(np.mean([x[k] for x in runs])) for k in keys},
+                         std={k: float(np.std([x[k] for x in runs])) for k in keys}) for lr, runs in by_lr.items()}
         if m not in TRAINED:
             out[m] = dict(lr=None, **rows[None])
             continue
@@ -647,7 +944,8 @@ def summarize(records: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    pm = lambda r, k, scale="{:.1f}": f"{scale.format(r['mean'][k])} ± {scale.format(r['std'][k])}"
+    pm = lambda r, k, scale="{:.1f}": (f"{scale.format(r['mean'][k])} ± {scale.format(r['std'][k])}"
+                                       if k in r["mean"] else "–")  # multi-token tasks: accuracy only
     lines = ["| method | lr | accuracy | label acc. | ECE | ECE (equal width) | lr (dev-selected) | accuracy "
              "(dev-selected) |", "|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
@@ -659,9 +957,14 @@ def table(results: dict) -> str:
         lines.append(" | ".join(["", m, "–" if r["lr"] is None else f"{r['lr']:g}", pm(r, "accuracy"),
                                  pm(r, "label_accuracy"), pm(r, "ece", "{:.3f}"), pm(r, "ece_equal_width", "{:.3f}"),
                                  *dev, ""]).strip())
-    return "\n".join(lines) + ("\n\naccuracy and label accuracy in %, ECE as a fraction; mean ± std over runs. "
-                               "lr: selected on the eval set by mean accuracy, as the paper does; "
-                               "lr (dev-selected): lowest mean dev loss.")
+    return "\n".join(lines) + ("\n\naccuracy (exact match of the parsed answer for multi-token tasks) and label "
+                               "accuracy in %, ECE as a fraction; mean ± std over runs. lr: selected on the eval set "
+                               "by mean accuracy, as the paper does; lr (dev-selected): lowest mean dev loss.")
+
+
+def tables(cfg: Config, results: dict) -> str:
+    return "\n\n".join(f"## {cfg.task} -> {name}{'' if name == cfg.task else ' (OOD, ICL demos from ' + cfg.task + ')'}"
+                       f"\n\n{table(r)}" for name, r in results.items())
 
 
 def run_experiment(cfg: Config) -> dict:
@@ -672,18 +975,18 @@ def run_experiment(cfg: Config) -> dict:
         raise IA2Error(f"output folder {out} exists; choose another --out")
     E, tmp = setup(cfg), out + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    records = {m: {} for m in cfg.methods}
+    records = {ev["name"]: {m: {} for m in cfg.methods} for ev in E["evals"]}  # eval task -> method -> lr
     timing = collections.defaultdict(float, load=time.time() - t0)  # seconds per phase, summed over runs
     try:
-        if "zero_shot" in cfg.methods:
+        for ev in E["evals"] if "zero_shot" in cfg.methods else []:
             tick = time.time()
             with lora_disabled(E["model"]):
-                records["zero_shot"][None] = [dict(run=0, **metrics(predict(E["model"], E["queries"], E["label_ids"]),
-                                                                   E["gold"], E["tok"], E["labels"]))]
-            timing["eval/zero_shot"] = time.time() - tick
+                rec = evaluate(cfg, E, ev, ev["queries"], show=2, tag=f"zero_shot on {ev['name']}")
+            records[ev["name"]]["zero_shot"][None] = [dict(run=0, **rec)]
+            timing[f"eval/{ev['name']}/zero_shot"] = time.time() - tick
         for r in range(cfg.runs):
             one_run(cfg, E, r, records, timing, tmp)
-        results = summarize(records)
+        results = {name: summarize(rec) for name, rec in records.items()}
         timing["total"] = time.time() - t0
         write_outputs(cfg, E, tmp, results, timing)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -691,30 +994,36 @@ def run_experiment(cfg: Config) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written output
         raise
-    print("\n" + table(results) + f"\n\nwritten to {out}/ in {timing['total']:.0f} s")
+    print("\n" + tables(cfg, results) + f"\n\nwritten to {out}/ in {timing['total']:.0f} s")
     return results
 
 
 def write_outputs(cfg: Config, E: dict, folder: str, results: dict, timing: dict):
+    """config.json; results.json with `methods` (the --task eval set, if evaluated) and `ood` (the others)."""
     import transformers
     model = E["model"]
     meta = dict(config=dataclasses.asdict(cfg), labels=E["labels"], label_token_ids=E["label_ids"],
                 template=E["task"]["template"], model_class=type(model).__name__,
                 layers=model.config.num_hidden_layers, device=str(model.device), dtype=str(model.dtype),
-                pool_size=len(E["pool"]), eval_size=len(E["eval_set"]),
+                pool_size=len(E["pool"]), eval_size={ev["name"]: len(ev["eval_set"]) for ev in E["evals"]},
                 versions=dict(torch=torch.__version__, transformers=transformers.__version__))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(meta, f, indent=2)
     with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump(dict(methods=results, timing_s=timing, selection="lr selected on the eval set by mean "
-                       "top-1 accuracy (paper); dev_selected: lowest mean dev loss"), f, indent=2)
+        json.dump(dict(**({"methods": results[cfg.task]} if cfg.task in results else {}),
+                       ood={n: r for n, r in results.items() if n != cfg.task}, timing_s=timing,
+                       selection="lr selected on each eval set by mean accuracy (paper); dev_selected: lowest "
+                                 "mean dev loss"), f, indent=2)
     with open(os.path.join(folder, "results.md"), "w") as f:
-        f.write(f"# {cfg.task}, {cfg.model}, N={cfg.n_train}, {cfg.runs} runs\n\n{table(results)}\n")
+        f.write(f"# {cfg.task}, {cfg.model}, N={cfg.n_train}, {cfg.runs} runs\n\n{tables(cfg, results)}\n")
 
 
 def main(argv=None):
     cfg = parse_args(argv)
+    if cfg.list_tasks:
+        print(task_table())
+        return
     try:
         run_experiment(cfg)
     except IA2Error as e:

@@ -4,6 +4,7 @@
 """
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,8 +66,21 @@ def items(tok, n=4, seed=0):
     rng = np.random.RandomState(seed)
     out = []
     for y in rng.randint(0, 2, n):
-        x = ia2.encode(tok, ia2.make_prompt("Text:{text}\nLabel:", sentence(rng, y)))
-        out.append(dict(x=x, y=int(y), icl=x, y_icl=int(rng.randint(5, 50)), A_icl=torch.randn(2, 32)))
+        x = ia2.encode(tok, f"Text:{sentence(rng, y)}\nLabel:")
+        out.append(dict(x=x, y=int(y), y_ids=[10 + int(y)], icl=x, y_icl=[int(rng.randint(5, 50))],
+                        A_icl=torch.randn(2, 1, 32), logp_icl=torch.randn(1, len(tok)).log_softmax(-1)))
+    return out
+
+
+def multi_items(tok, n=4, seed=0):
+    """Multi-token training items: targets of different lengths, teacher fields of matching length."""
+    rng, out = np.random.RandomState(seed), []
+    for k in range(n):
+        x = ia2.encode(tok, f"Question:{sentence(rng, k % 2)}?\nAnswer:")
+        y_ids, y_icl = list(rng.randint(2, 250, 2 + k)), list(rng.randint(2, 250, 5 - k))
+        out.append(dict(x=x, y="", y_ids=[int(t) for t in y_ids] + [1], icl=x, y_icl=[int(t) for t in y_icl],
+                        A_icl=torch.randn(2, len(y_icl), 32),
+                        logp_icl=torch.randn(len(y_icl), len(tok)).log_softmax(-1)))
     return out
 
 
@@ -98,7 +112,7 @@ def test_add_lora_keeps_outputs_and_trains_only_lora(model):
     # per layer: q 32->32, k 32->16, o 32->32, each r·(d_in + d_out)
     assert sum(trainable.values()) == 2 * 8 * ((32 + 32) + (32 + 16) + (32 + 32))
     frozen = {n: p.clone() for n, p in m.named_parameters() if not p.requires_grad}
-    ia2.train(m, "sft", items(tok), items(tok, 2, 1), [10, 11], ia2.Config(n_train=4, epochs=2), 1e-2, 0, "t")
+    ia2.train(m, "sft", items(tok), items(tok, 2, 1), ia2.Config(n_train=4, epochs=2), 1e-2, 0, "t")
     assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if not p.requires_grad)
     assert any(mod.B.abs().sum() > 0 for mod in ia2.lora_modules(m).values())
 
@@ -152,8 +166,15 @@ def test_hooks_and_forward_on_other_families(arch):
         ref = mid + layer.mlp(layer.post_attention_layernorm(mid))
     torch.testing.assert_close(out.hidden_states[1], ref)
     logits, last = ia2.forward(m, [ids[0].tolist(), ids[0, :5].tolist()], capture=True)
-    torch.testing.assert_close(logits[0], out.logits[0, -1])  # final-logit soft-capping included
-    torch.testing.assert_close(last[0], torch.stack([x[0, -1] for x in acts]))
+    torch.testing.assert_close(logits[0, 0], out.logits[0, -1])  # final-logit soft-capping included
+    torch.testing.assert_close(last[0, :, 0], torch.stack([x[0, -1] for x in acts]))
+    # the cached, left-padded rollout (Gemma: past its sliding window of 4) equals the uncached one
+    prompts = [ids[0].tolist(), ids[0, :3].tolist()]
+    for p, o in zip(prompts, ia2.generate(m, prompts, 6, -1, capture=True, scores=True)):
+        toks, a, logp = uncached_rollout(m, p, 6, eos=-1)
+        assert o["tokens"] == toks
+        torch.testing.assert_close(o["acts"], a, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(o["logp"], logp, atol=1e-5, rtol=1e-4)
 
 
 def test_forward_matches_full_logits_and_padding_changes_nothing(model):
@@ -164,8 +185,8 @@ def test_forward_matches_full_logits_and_padding_changes_nothing(model):
     for i, s in enumerate(seqs):
         with ia2.capture_activations(m) as ref:
             full = m(torch.tensor([s])).logits[0, -1]
-        torch.testing.assert_close(logits[i], full, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(acts[i], torch.stack([r[0, -1] for r in ref]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[i, 0], full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(acts[i, :, 0], torch.stack([r[0, -1] for r in ref]), atol=1e-5, rtol=1e-5)
 
 
 def test_t1_alignment_ignores_the_appended_answer_token(model):
@@ -175,20 +196,22 @@ def test_t1_alignment_ignores_the_appended_answer_token(model):
     _, a = ia2.forward(m, [x], capture=True)
     with ia2.capture_activations(m) as acts:
         m(torch.tensor([x + [7]]))
-    torch.testing.assert_close(a[0], torch.stack([t[0, len(x) - 1] for t in acts]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[0, :, 0], torch.stack([t[0, len(x) - 1] for t in acts]), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("objective", ["sft", "sft_icl", "ia2", "ia2_plus_sft"])
-def test_padded_batch_equals_one_at_a_time(model, objective):
+@pytest.mark.parametrize("kind", ["single", "multi"])
+@pytest.mark.parametrize("objective", ["sft", "sft_icl", "ia2", "ia2_plus_sft", "kd"])
+def test_padded_batch_equals_one_at_a_time(model, objective, kind):
+    """Right-padded batches, per-example averaging: the official one example per forward, exactly."""
     tok, m = model
     ia2.add_lora(m)
     for mod in ia2.lora_modules(m).values():
         torch.nn.init.normal_(mod.B, std=0.1)
-    batch = items(tok)
+    batch = items(tok) if kind == "single" else multi_items(tok)
 
     def loss_and_grads(examples):
         m.zero_grad()
-        loss = ia2.objective_loss(m, objective, examples, [10, 11], 0.5)
+        loss = ia2.objective_loss(m, objective, examples, 0.5)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in m.parameters() if p.requires_grad]
 
@@ -199,19 +222,146 @@ def test_padded_batch_equals_one_at_a_time(model, objective):
         torch.testing.assert_close(g, sum(gs) / 4, atol=1e-5, rtol=1e-4)
 
 
+def test_multi_token_forward_reads_d_plus_t(model):
+    """The student reads X∘target; position d+t (d = last prompt token) gives target[t]'s logits and activations."""
+    tok, m = model
+    xs = [ia2.encode(tok, "Text:the film\nLabel:"), ia2.encode(tok, "Text:a very good story was\nLabel:")]
+    ys = [[5, 6, 7, 8], [9, 10]]
+    logits, acts = ia2.forward(m, xs, ys, capture=True)
+    assert logits.shape == (2, 4, len(tok)) and acts.shape == (2, 2, 4, 32)
+    for b, (x, y) in enumerate(zip(xs, ys)):
+        with ia2.capture_activations(m) as ref:
+            full = m(torch.tensor([x + y])).logits[0]
+        for t in range(len(y)):
+            torch.testing.assert_close(logits[b, t], full[len(x) - 1 + t], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(acts[b, :, t], torch.stack([r[0, len(x) - 1 + t] for r in ref]),
+                                       atol=1e-5, rtol=1e-5)
+        assert full[len(x) - 1 + len(y) - 1].argmax() is not None  # y[-1] itself is never read
+
+
+def uncached_rollout(m, ids, T, eos):
+    """The official teacher (spec §3): re-run the whole sequence at every step, keep the last position."""
+    ids, toks, acts, logps = list(ids), [], [], []
+    for _ in range(T):
+        with ia2.capture_activations(m) as a:
+            logits = m(torch.tensor([ids])).logits[0, -1]
+        acts.append(torch.stack([x[0, -1] for x in a]))  # (L, D)
+        logps.append(logits.log_softmax(-1))
+        toks.append(int(logits.argmax()))
+        if toks[-1] == eos:
+            break  # this step's activations are kept
+        ids.append(toks[-1])
+    return toks, torch.stack(acts, 1), torch.stack(logps)
+
+
+def test_kv_cached_teacher_equals_full_reforward(model):
+    """Tokens, activations (L, T', D) and log-probs of the cached, batched, left-padded rollout equal the
+    official uncached one-example re-forward, with and without an early EOS (fp32)."""
+    tok, m = model
+    ia2.add_lora(m)  # the teacher must run the base model: a non-zero adapter must not matter
+    for mod in ia2.lora_modules(m).values():
+        torch.nn.init.normal_(mod.B)
+    prompts = [ia2.encode(tok, p) for p in ("Text:the film was good\nLabel:1\n\nText:the plot\nLabel:",
+                                            "Text:bad\nLabel:", "Text:a story was very very dull\nLabel:0\n\nText:x")]
+    with ia2.lora_disabled(m):
+        refs = [uncached_rollout(m, p, 12, eos=-1) for p in prompts]
+    k = next(k for k in range(2, 12) if refs[0][0][k] not in refs[0][0][:k])  # a token first emitted at step k
+    eos = refs[0][0][k]
+    with ia2.lora_disabled(m):
+        refs_eos = [uncached_rollout(m, p, 12, eos=eos) for p in prompts]
+    assert len(refs_eos[0][0]) == k + 1
+    for eos_id, expected in ((-1, refs), (eos, refs_eos)):
+        its = ia2.teacher(m, [dict(icl=p) for p in prompts], 12, eos_id, scores=True, bs=2)
+        for it, (toks, acts, logp) in zip(its, expected):
+            assert it["y_icl"] == toks and it["A_icl"].shape == (2, len(toks), 32)
+            torch.testing.assert_close(it["A_icl"], acts, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(it["logp_icl"], logp, atol=1e-5, rtol=1e-4)
+
+
+def test_batched_generation_equals_batch_size_one(model):
+    tok, m = model
+    prompts = [ia2.encode(tok, f"Text:{'very ' * k}good film\nLabel:") for k in range(5)]
+    seen = []  # RoPE is shift-invariant, so wrong position ids would go unnoticed in the outputs: check them
+    hook = m.model.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["position_ids"].clone()),
+                                             with_kwargs=True)
+    try:
+        batched = ia2.generate(m, prompts, 10, -1, capture=True)
+    finally:
+        hook.remove()
+    R = max(map(len, prompts))
+    for i, p in enumerate(prompts):  # each row at the positions it has alone: 0..len-1, then len, len+1, ...
+        assert seen[0][i, R - len(p):].tolist() == list(range(len(p)))
+        assert [int(s[i, 0]) for s in seen[1:]] == list(range(len(p), len(p) + len(seen) - 1))
+    for p, b in zip(prompts, batched):
+        alone = ia2.generate(m, [p], 10, -1, capture=True)[0]
+        assert b["tokens"] == alone["tokens"]
+        torch.testing.assert_close(b["acts"], alone["acts"], atol=1e-5, rtol=1e-4)
+    stop_tok = batched[0]["tokens"][3]  # stop(tokens) ends a row right after the token that makes it true
+    stopped = ia2.generate(m, prompts, 10, -1, stop=lambda ids: ids[-1] == stop_tok)
+    for s, b in zip(stopped, batched):
+        assert s["tokens"] == b["tokens"][:b["tokens"].index(stop_tok) + 1 if stop_tok in b["tokens"] else 10]
+    texts = ia2.generate_texts(m, tok, prompts, 10, bs=2)
+    assert texts == [ia2.generate_texts(m, tok, [p], 10)[0] for p in prompts]
+    assert texts[0] == tok.decode(batched[0]["tokens"], skip_special_tokens=True).split("\n\n")[0]
+
+
+@pytest.mark.parametrize("task, text, expected", [
+    ("gsm8k", "Janet has 16 - 3 = <<16-3=13>>13 eggs.\nShe makes 13 * 2 = $<<13*2=26>>26.\n#### 26", "26"),
+    ("gsm8k", "so she pays $1,234.50 in total. The answer is $1,234.50.", "1234.5"),
+    ("gsm8k", "The answer is 72.", "72"),
+    ("gsm8k", "It is \\boxed{42} apples, #### 7", "42"),
+    ("gsm8k", "\\boxed{x} so #### 7", "7"),  # a non-numeric box falls through
+    ("gsm8k", "Answer: 3 apples", "3"),
+    ("gsm8k", "#### -5", "-5"),
+    ("gsm8k", "#### 72.0", "72"),
+    ("gsm8ks", "5 apples and eats 2, leaving 3", "3"),  # no marker: the last number
+    ("gsm8k", "#### ", None),
+    ("gsm8k", "no numbers at all", None),
+    ("hmath_algebra", "so $x=\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+    ("hmath_algebra", "\\boxed{2}, no: \\boxed{ 3 + x^{2} }", "3+x^{2}"),
+    ("hmath_algebra", "cut off: \\boxed{\\frac{1}{2}", None),
+    ("hmath_algebra", "x = 5", None),
+    ("sciqa", "Cells make energy.\n#### mitochondria", "mitochondria"),
+    ("sciqa", "a #### b #### c ", "c"),
+    ("sciqa", "no marker ", "no marker"),
+])
+def test_answer_parsing(task, text, expected):
+    assert ia2.parse_answer(task, text) == expected
+
+
 # -----------------------------------------------------------------------------
 # losses, training, metrics
 
 
 def test_ia2_loss_known_answers():
-    x = torch.randn(3, 5, 7)
-    assert ia2.ia2_loss(x, x).item() == 0
-    # L · mean of squares: (B=3, L=5, D=7) of ones against zeros -> 5
-    assert ia2.ia2_loss(torch.ones(3, 5, 7), torch.zeros(3, 5, 7)).item() == pytest.approx(5.0)
-    # equals the per-layer MSE summed over layers
-    s, t = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
-    per_layer = sum(((s[:, l] - t[:, l]) ** 2).mean() for l in range(4))
-    torch.testing.assert_close(ia2.ia2_loss(s, t), per_layer)
+    x, ones = torch.randn(3, 5, 2, 7), torch.ones(3, 2)
+    assert ia2.ia2_loss(x, x, ones).item() == 0
+    # L · mean of squares: (B=3, L=5, T=2, D=7) of ones against zeros -> 5
+    assert ia2.ia2_loss(torch.ones(3, 5, 2, 7), torch.zeros(3, 5, 2, 7), ones).item() == pytest.approx(5.0)
+    # the per-layer MSE summed over layers, over each example's own positions, then the batch mean
+    s, t = torch.randn(2, 4, 3, 6), torch.randn(2, 4, 3, 6)
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])  # example 1 has T'=1; its positions 1, 2 are padding
+    per_example = [sum(((s[b, l, :n] - t[b, l, :n]) ** 2).mean() for l in range(4)) for b, n in ((0, 3), (1, 1))]
+    torch.testing.assert_close(ia2.ia2_loss(s, t, mask), sum(per_example) / 2)
+    t[1, :, 1:] += 100  # what sits at padded positions does not count
+    torch.testing.assert_close(ia2.ia2_loss(s, t, mask), sum(per_example) / 2)
+
+
+def test_sft_and_kd_losses_known_answers():
+    logits = torch.randn(2, 3, 5)
+    target = torch.tensor([[1, 2, 3], [4, -100, -100]])
+    ce = lambda b, t: -logits[b, t].log_softmax(-1)[target[b, t]]
+    # per example: mean over its own tokens; then over the batch (a flat token mean would give 3/4 weight to example 0)
+    torch.testing.assert_close(ia2.sft_loss(logits, target), ((ce(0, 0) + ce(0, 1) + ce(0, 2)) / 3 + ce(1, 0)) / 2)
+    p = torch.tensor([[[0.5, 0.5, 0.0]]]).clamp(min=1e-30)  # teacher; zero-probability tokens add nothing
+    q = torch.tensor([[[0.25, 0.25, 0.5]]])
+    kl = 0.5 * math.log(0.5 / 0.25) * 2  # Σ_v p log(p/q) = log 2
+    assert ia2.kd_loss(q.log(), p.log(), torch.ones(1, 1)).item() == pytest.approx(kl, rel=1e-5)
+    logp = torch.randn(2, 3, 5).log_softmax(-1)
+    assert ia2.kd_loss(logp, logp, torch.ones(2, 3)).abs().item() < 1e-6  # KL(p ‖ p) = 0
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    kl_bt = (logp.exp() * (logp - logits.log_softmax(-1))).sum(-1)  # independent: per-position KL
+    torch.testing.assert_close(ia2.kd_loss(logits, logp, mask), (kl_bt[0].mean() + kl_bt[1, 0]) / 2)
 
 
 def test_best_dev_checkpoint_is_restored(model, capsys):
@@ -219,12 +369,12 @@ def test_best_dev_checkpoint_is_restored(model, capsys):
     ia2.add_lora(m)
     tr, dv = items(tok), items(tok, 2, 1)
     cfg = ia2.Config(n_train=4, epochs=30, patience=3)
-    best, steps = ia2.train(m, "sft", tr, dv, [10, 11], cfg, 3e-1, 0, "t")  # a high lr overshoots
+    best, steps = ia2.train(m, "sft", tr, dv, cfg, 3e-1, 0, "t")  # a high lr overshoots
     devs = [float(line.split("dev ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "| dev" in line]
     assert len(devs) == 3 + devs.index(min(devs)) + 1  # stopped `patience` checks after the best
     assert devs[-1] > min(devs) and best == pytest.approx(min(devs), abs=1e-4)
     # the adapter left in the model is the best one, not the last one
-    assert ia2.dev_loss(m, "sft", dv, [10, 11], cfg) == pytest.approx(best, abs=1e-6)
+    assert ia2.dev_loss(m, "sft", dv, cfg) == pytest.approx(best, abs=1e-6)
 
 
 def test_ece_known_answers():
@@ -259,22 +409,68 @@ def test_metrics_top1_label_accuracy_and_renormalised_confidence(model):
 # the few-shot protocol
 
 
-def test_hub_task_loader_reads_its_columns(monkeypatch):
-    """--task sst2 without --data: stanfordnlp/sst2, train -> pool, validation -> eval (faked locally)."""
-    import datasets
-    fake = {"train": 30, "validation": 12}
-    calls = []
+BBC_TOPICS = ["tech", "business", "sport", "entertainment", "politics"]
+HUB_FAKES = {  # per task: a Hub record i of `split` with the Hub dataset's columns, and what ia2 must make of it
+    "sst2": (lambda s, i: dict(idx=i, sentence=f"{s} {i} ", label=i % 2), lambda i: i % 2),
+    "finsen": (lambda s, i: dict(sentence=f"{s} {i}", label=i % 3), lambda i: None if i % 3 == 1 else (i % 3) // 2),
+    "poems": (lambda s, i: dict(id=i, verse_text=f"{s} {i}", label=i % 4), lambda i: i % 4 if i % 4 < 2 else None),
+    "strategytf": (lambda s, i: dict(qid=str(i), term="t", description="d", question=f"{s} {i}?", answer=bool(i % 2),
+                                     facts=["f"], decomposition=["q"]), lambda i: i % 2),
+    "agnews": (lambda s, i: dict(text=f"{s} {i}", label=i % 4), lambda i: i % 4),
+    "bbcnews": (lambda s, i: dict(text=f"{s} {i} " + "word " * 80 * (i % 2), label=i % 5,
+                                  label_text=BBC_TOPICS[i % 5]), lambda i: [3, 2, 1, 0, 0][i % 5]),
+    "sciq_remap": (lambda s, i: dict(question=f"{s} {i}", distractor1=f"w{i}a", distractor2=f"w{i}b", distractor3=f"w{i}c",
+                                     correct_answer=f"right{i}", support="because"), None),
+    "qasc_remap": (lambda s, i: dict(id=str(i), question=f"{s} {i}", choices=dict(text=[f"c{i}{k}" for k in range(8)],
+               label=list("ABCDEFGH")), answerKey="ABCDEFGH"[i % 8], fact1="", fact2="", combinedfact="",
+               formatted_question=""), lambda i: i % 8),
+    "gsm8k": (lambda s, i: dict(question=f"{s} {i}", answer=f"2+{i}=<<2+{i}={i + 2}>>{i + 2}\n#### {i + 2}"),
+              lambda i: f"2+{i}=<<2+{i}={i + 2}>>{i + 2}\n#### {i + 2}"),
+    "gsm8ks": (lambda s, i: dict(id=i, instance=0, question=f"{s} {i}", answer=f"so\n#### {i}", original_id=i,
+                                 original_question="", original_answer="", canary=""), lambda i: f"so\n#### {i}"),
+    "hmath_algebra": (lambda s, i: dict(problem=f"{s} {i}", level="Level 1", type="Algebra",
+                                        solution=f"x=\\boxed{{\\frac{{{i}}}{{2}}}}"),
+                      lambda i: f"x=\\boxed{{\\frac{{{i}}}{{2}}}}"),
+    "sciqa": (lambda s, i: dict(question=f"{s} {i}", distractor1="a", distractor2="b", distractor3="c",
+                                correct_answer=f"ans{i}", support=f"support {i}"), lambda i: f"support {i}\n#### ans{i}"),
+}
 
-    def load_dataset(name, split):
-        calls.append((name, split))
-        return datasets.Dataset.from_dict({"idx": list(range(fake[split])), "label": [i % 2 for i in range(fake[split])],
-                                           "sentence": [f"{split} sentence {i} " for i in range(fake[split])]})
+
+@pytest.mark.parametrize("name", list(ia2.TASKS))
+def test_hub_task_loaders_read_their_columns(monkeypatch, name):
+    """Each task without --data: its Hub id, config and splits, read from a fake local dataset with the
+    Hub dataset's columns; the template, label mapping, filtering and splitting of spec §6."""
+    import re
+    import datasets
+    make, expect = HUB_FAKES[name]
+    task, calls = ia2.TASKS[name], []
+
+    def load_dataset(hub, config=None, split=None):
+        calls.append((hub, config, split))
+        return datasets.Dataset.from_list([make(split, i) for i in range(40)])
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    pool, ev = ia2.load_data(ia2.Config(eval_size=10, pool_size=25), ia2.TASKS["sst2"], 2)
-    assert calls == [("stanfordnlp/sst2", "train"), ("stanfordnlp/sst2", "validation")]
-    assert len(pool) == 25 and len(ev) == 10
-    assert all(t.startswith("train") for t, _ in pool) and all(t.startswith("validation") for t, _ in ev)
-    assert all(int(t.split()[2]) % 2 == y for t, y in pool + ev)  # text and label stay paired through the shuffle
+    pool, ev = ia2.load_task(ia2.Config(eval_size=10, pool_size=15), name, task["labels"])
+    pool_split, eval_split = task["splits"]
+    assert calls == [(*task["hub"], s) for s in (pool_split, eval_split) if s]
+    assert len(ev) == 10 and len(pool) == (0 if pool_split is None else 15)
+    seen = set()
+    for rows, split in ((pool, pool_split), (ev, eval_split or pool_split)):
+        for x, y in rows:
+            i = int(re.search(rf"{split} (\d+)", x).group(1))
+            seen.add((split, i))
+            assert x.startswith(task["template"].split("{")[0] + f"{split} {i}")  # the template, filled in
+            if name == "sciq_remap":  # the correct answer sits in the slot of the label word
+                assert f"[{ia2.SLOTS[y]}]right{i}\n" in x and x.endswith("\n\nAnswer:")
+            else:
+                assert y == expect(i) and expect(i) is not None
+            if name == "qasc_remap":
+                assert f"[{ia2.SLOTS[y]}]c{i}{y}\n" in x and "[Monday]c" in x
+            if name == "bbcnews" and i % 2:  # 400+ characters, cut to <= 256 at a word boundary
+                assert 250 < len(x) - len("Text:\nLabel:") <= 256 and x.endswith(" word\nLabel:")
+    assert len(seen) == len(pool) + len(ev)  # no record both in the pool and in the eval set
+    if name == "sst2":  # the official datasets .shuffle(seed=42), then the first records
+        ref = load_dataset("x", None, "train").shuffle(seed=42)["sentence"][:15]
+        assert [x for x, _ in pool] == [f"Text:{t}\nLabel:" for t in ref]
 
 
 def test_few_shot_protocol(model):
@@ -284,17 +480,19 @@ def test_few_shot_protocol(model):
     assert (len(tr), len(dv), len(rest)) == (8, 4, 28)
     assert not {t for t, _ in tr} & {t for t, _ in dv + rest} and not {t for t, _ in dv} & {t for t, _ in rest}
     assert ia2.few_shot_split(pool, 8, seed=3) == (tr, dv, rest)  # RandomState(r): the same draw every time
-    task = ia2.TASKS["sst2"]
-    tr_items, dv_items = ia2.training_items(tok, task, ["0", "1"], tr, dv, seed=3)
+    tr_items, dv_items = ia2.training_items(tok, ["0", "1"], [(f"Text:{t}\nLabel:", y) for t, y in tr],
+                                            [(f"Text:{t}\nLabel:", y) for t, y in dv], seed=3)
     for it, (t, y) in zip(tr_items, tr):
         prompt = tok.decode(it["icl"])
         assert prompt.count("Label:") == 8 and prompt.endswith(f"Text:{t}\nLabel:")  # N-1 demos + query
         assert f"Text:{t}\nLabel:{y}" not in prompt  # never its own answer
+        assert it["y_ids"] == tok(str(y), add_special_tokens=False).input_ids  # one token, no EOS
     assert [tok.decode(d["icl"]).rsplit("\n\n", 1)[0] for d in dv_items] == \
         [tok.decode(t["icl"]).rsplit("\n\n", 1)[0] for t in tr_items[:4]]  # dev j reuses train j's demos
-    icl = ia2.icl_eval_prompts(tok, task, ["0", "1"], rest, [("the plot", 0)], 7, seed=3)
+    rest = [(f"Text:{t}\nLabel:", y) for t, y in rest]
+    icl = ia2.icl_eval_prompts(tok, ["0", "1"], rest, [("Text:the plot\nLabel:", 0)], 7, seed=3)
     demos = tok.decode(icl[0]).split("\n\n")[:-1]
-    assert len(demos) == 7 and all(d.split("\n")[0][5:] in {t for t, _ in rest} for d in demos)
+    assert len(demos) == 7 and all(d.rsplit("\n", 1)[0] + "\nLabel:" in {x for x, _ in rest} for d in demos)
 
 
 # -----------------------------------------------------------------------------
@@ -322,6 +520,53 @@ def test_cli_end_to_end_and_reproducible(tiny):
     assert json.loads((out / "config.json").read_text())["config"]["n_train"] == 4
     p2 = cli(tiny, *args, out="out2")  # the same command twice gives the same numbers on CPU
     assert json.loads((tiny["root"] / "out2" / "results.json").read_text())["methods"] == res
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def test_cli_multi_token_and_ood(tiny):
+    """GSM8K-like local files: every method, T=6 rollouts, generation evaluation on gsm8k and OOD on gsm8ks."""
+    rng = np.random.RandomState(0)
+    qa = lambda a, b: dict(question=f"the film {a} plus {b}?", answer=f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}")
+    gsm = write_jsonl(tiny["root"] / "gsm.jsonl", [qa(*rng.randint(1, 9, 2)) for _ in range(24)])
+    gsms = write_jsonl(tiny["root"] / "gsms.jsonl", [qa(*rng.randint(10, 20, 2)) for _ in range(6)])
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ia2.py"), "--model", tiny["model"], "--task", "gsm8k",
+                        "--data", gsm, f"gsm8ks={gsms}", "--eval-tasks", "gsm8k", "gsm8ks", "--n-train", "2",
+                        "--runs", "1", "--eval-size", "4", "--epochs", "1", "--lr", "1e-3", "--max-new-tokens", "6",
+                        "--out", str(tiny["root"] / "gsm-out")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tiny["root"] / "gsm-out" / "results.json").read_text())
+    for r in (res["methods"], res["ood"]["gsm8ks"]):
+        assert set(r) == set(ia2.METHODS)
+        assert all(set(r[m]["mean"]) == {"accuracy"} for m in r)  # no ECE for generation tasks
+    assert "teacher: 6 tokens per rollout" in p.stdout  # no EOS from a random model: T' = T
+    assert "zero_shot on gsm8ks] example 1:" in p.stdout and "(gold '" in p.stdout
+    assert "## gsm8k -> gsm8ks (OOD, ICL demos from gsm8k)" in p.stdout
+    p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(tiny["root"] / "gsm-out")],
+                       capture_output=True, text=True)  # eval.py's analyses are for single-token runs
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "single-token" in p.stderr
+
+
+def test_cli_single_token_ood(tiny):
+    fin = tiny["root"] / "finsen.csv"
+    fin.write_text("text,label\n" + "".join(f"the plot was {'good' if i % 2 else 'bad'} {i},{i % 2}\n" for i in range(12)))
+    p = cli(tiny, "--data", tiny["data"], f"finsen={fin}", "--eval-tasks", "sst2", "finsen", "--n-train", "4",
+            "--runs", "1", "--eval-size", "10", "--epochs", "1", "--lr", "1e-3",
+            "--methods", "zero_shot", "icl", "ia2", "kd", out="ood")
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tiny["root"] / "ood" / "results.json").read_text())
+    assert set(res["ood"]) == {"finsen"} and set(res["ood"]["finsen"]) == {"zero_shot", "icl", "ia2", "kd"}
+    assert set(res["ood"]["finsen"]["kd"]["mean"]) == set(ia2.METRICS)
+    assert json.loads((tiny["root"] / "ood" / "config.json").read_text())["eval_size"] == {"sst2": 10, "finsen": 6}
+
+
+def test_list_tasks():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ia2.py"), "--list-tasks"], capture_output=True, text=True)
+    assert p.returncode == 0 and all(f"| {t} |" in p.stdout for t in ia2.TASKS) and len(ia2.TASKS) == 12
 
 
 def test_saved_adapter_loads_in_peft(tiny):
@@ -354,6 +599,13 @@ def test_saved_adapter_loads_in_peft(tiny):
     (["--labels", "0", "zqxv"], "label 'zqxv' is"),
     (["--n-train", "60"], "needs 149 pool examples"),
     (["--device", "cuda"], "no CUDA"),
+    (["--task", "gsm8k", "--max-new-tokens", "0"], "--max-new-tokens >= 1"),
+    (["--task", "poems"], "evaluation-only task"),
+    (["--eval-tasks", "sst2", "nope"], "unknown task 'nope'"),
+    (["--eval-tasks", "gsm8k"], "all single-token or all multi-token"),
+    (["--task", "gsm8k", "--labels", "a", "b"], "--labels is for single-token tasks"),
+    (["--data", "agnews=x.csv"], "agnews is neither --task nor one of --eval-tasks"),
+    (["--task", "gsm8k", "--data", "BADANSWER"], "answers must be strings"),
 ])
 def test_bad_input_one_line_and_nothing_written(tiny, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
@@ -362,6 +614,8 @@ def test_bad_input_one_line_and_nothing_written(tiny, capsys, args, message):
         bad = tiny["root"] / f"{args[1]}.csv"
         bad.write_text("sentence,y\nhello,1\n" if "BADCOLS" in args else "text,label\nhello,1\nbye,pos\n")
         args = ["--data", str(bad)]
+    if "BADANSWER" in args:
+        args[-1] = write_jsonl(tiny["root"] / "bad.jsonl", [dict(question="q", answer=5)] * 4)
     out = tiny["root"] / "bad-out"
     with pytest.raises(SystemExit) as e:
         ia2.main(["--model", tiny["model"], "--data", tiny["data"], "--out", str(out), *args])
