@@ -92,7 +92,8 @@ class Config:
     n_train: int = arg(4, "N, labelled examples per run; each query sees the other N-1 as demos (paper: 4 Qwen, 8 Llama)")
     runs: int = arg(5, "runs r = 0..runs-1, each a different draw of the N examples (paper: 5)")
     lr: tuple = arg((1e-4, 3e-4, 1e-3), "learning rate, or a grid to select from (paper: 1e-4 3e-4 1e-3)")
-    methods: tuple = arg(METHODS, "methods to run, any of: " + " ".join(METHODS))
+    methods: tuple = arg(METHODS[:-1], "methods to run, any of: " + " ".join(METHODS) + " (kd, the paper's "
+                         "Table 4 soft-label baseline, only when named)")
     beta: float = arg(0.5, "β in (1-β)·L_IA2 + β·L_SFT for ia2_plus_sft (paper grids: Qwen 0.1-0.9, Llama 0.001-0.5)")
     eval_size: int = arg(500, "evaluation examples, never trained on (paper: 500)")
     pool_size: int = arg(2000, "training pool the N examples, dev set and ICL demos are drawn from (paper: 2000)")
