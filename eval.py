@@ -45,6 +45,7 @@ PAPER_SST2 = {
 }
 PAPER_ASIM = {"sft": (0.52, 0.61, 0.50), "ia2": (0.80, 0.91, 0.88), "ia2_then_sft": (0.67, 0.83, 0.70)}
 METRICS = ia2.METRICS + ("asim",)
+COLORS = {m: f"C{i}" for i, m in enumerate(ia2.METHODS)}  # one colour per method in every figure
 
 
 # -----------------------------------------------------------------------------
@@ -191,8 +192,8 @@ def plot_asim(a: dict, path: str):
         if "asim" not in e["runs"][0]:
             continue
         y = np.array([row["asim_layers"] for row in e["runs"]])
-        line, = ax.plot(x, y.mean(0), marker=".", label=f"{m} (mean {y.mean():.2f})")
-        ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.15)
+        ax.plot(x, y.mean(0), marker=".", color=COLORS[m], label=f"{m} (mean {y.mean():.2f})")
+        ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=COLORS[m], alpha=0.15)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set(xlabel="decoder layer", ylabel="cosine similarity with ICL activations",
            title=f"asim per layer: {title(a)}\n{a['asim_examples']} eval examples, mean ± std over {a['runs']} runs")
@@ -246,7 +247,8 @@ def plot_sweep(analyses: list, path: str):
         stats = [summary(a["methods"][m]) for a in analyses]
         for ax, key in zip(axes, ("accuracy", "ece", "asim")):
             if key in stats[0]:
-                ax.errorbar(ns, [s[key][0] for s in stats], [s[key][1] for s in stats], marker="o", capsize=3, label=m)
+                ax.errorbar(ns, [s[key][0] for s in stats], [s[key][1] for s in stats], marker="o", capsize=3,
+                            color=COLORS[m], label=m)
     for ax, label in zip(axes, ("top-1 accuracy (%)", "ECE (equal mass, top-10 renormalised)",
                                 "asim with ICL (cosine, mean over layers)")):
         ax.set(xscale="log", xlabel="N, labelled examples", ylabel=label)
