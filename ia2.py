@@ -28,6 +28,7 @@ Symbols:
   β      weight of the SFT term in IA2+SFT
 
 Quick start (digits as labels, the paper's lr grid, 5 runs):
+  python ia2.py --model Qwen/Qwen3-0.6B --task sst2
   python ia2.py --model Qwen/Qwen3-0.6B --task sst2 --eval-tasks sst2 finsen poems
   python ia2.py --model Qwen/Qwen3-0.6B --task gsm8k
   python ia2.py --list-tasks
