@@ -306,8 +306,8 @@ def report(a: dict) -> str:
     if a["task"] == "sst2":
         lines += ["## Beside the paper (SST2 rows, spec §10)\n",
                   "The paper's models and data differ from these: Qwen3-4B-Base at N=4 and Llama-3.2-1B at N=8, "
-                  f"real SST-2, 500 eval examples, 5 runs. Here: {title(a)}"
-                  f"{', a local data file, not SST-2' if a['data'] else ''}. Compare orderings and gaps, not values.\n",
+                  f"real SST-2, 500 eval examples, 5 runs. Here: {title(a)}, {a['runs']} runs. Compare orderings and "
+                  "gaps, not values.\n",
                   "| method | here: acc / ECE | paper Qwen3-4B N=4 | paper Llama-1B N=8 | here: asim | "
                   "paper asim (Qwen-4B, Llama-3B, Llama-1B) |", "|---|---|---|---|---|---|"]
         for m, e in methods(a):
