@@ -55,9 +55,10 @@ def timed_steps(fn):
         hook.remove()
 
 
-def rollout_speed(model, tok, pool, n_demos, n_prompts, Ts=(32, 64, 128, 200)):
-    prompts = [ia2.encode(tok, ia2.make_prompt(f"Text:{pool[i][0]}\nLabel:", [
-        f"Text:{t}\nLabel:{y}" for t, y in pool[i + 1:i + 1 + n_demos]])) for i in range(0, 50 * n_prompts, 50)]
+def rollout_speed(model, tok, pool, labels, n_demos, n_prompts, Ts=(32, 64, 128, 200)):
+    """pool: (filled prompt X, label index) pairs; each ICL prompt is n_demos demos, then a query."""
+    prompts = [ia2.encode(tok, ia2.make_prompt(pool[i][0], [x + labels[y] for x, y in pool[i + 1:i + 1 + n_demos]]))
+               for i in range(0, 50 * n_prompts, 50)]
     print(f"\n{n_prompts} ICL prompts of {n_demos} demos + a query, {[len(p) for p in prompts]} tokens; "
           f"{torch.get_num_threads()} CPU threads, fp32; seconds per rollout of T tokens, mean over the prompts\n")
     cached, full = [], []
@@ -90,12 +91,10 @@ def main():
     cfg = ia2.Config(model=a.model, data=a.data, n_train=a.n_train, eval_size=200, device="cpu")
     device, dtype = ia2.pick_device(cfg.device)
     tok, model = ia2.load_model(cfg.model, device, dtype)
-    task, labels = ia2.TASKS["sst2"], ["0", "1"]
-    label_ids = ia2.label_tokens(tok, labels)
+    labels = ["0", "1"]
     pool, _ = ia2.load_task(cfg, "sst2", labels, cfg.data)
     if a.rollout:
-        raw = [(x[len("Text:"):-len("\nLabel:")], labels[y]) for x, y in pool]
-        return rollout_speed(model, tok, raw, a.demos, a.prompts)
+        return rollout_speed(model, tok, pool, labels, a.demos, a.prompts)
     train_rows, dev_rows, _ = ia2.few_shot_split(pool, cfg.n_train, 0)
     tr, _ = ia2.training_items(tok, labels, train_rows, dev_rows, 0)
     ia2.add_lora(model)

@@ -752,6 +752,11 @@ def parse_answer(task: str, text: str):
     return clean_number(numbers[-1]) if numbers else None
 
 
+def answer_of(tok, ids: list) -> str:
+    """A generation's text, cut at the first "\n\n" (§7)."""
+    return tok.decode(ids, skip_special_tokens=True).split("\n\n")[0]
+
+
 def generate_texts(model, tok, seqs: list, max_new: int, bs: int = 16) -> list:
     """Greedy continuations, stopped at EOS or at the first "\n\n" (§7) and cut there. Prompts are
     sorted by length so that batches carry little padding."""
@@ -760,7 +765,7 @@ def generate_texts(model, tok, seqs: list, max_new: int, bs: int = 16) -> list:
     for k in tqdm(range(0, len(order), bs), desc="generate", leave=False, disable=None):
         idx = order[k:k + bs]
         for i, o in zip(idx, generate(model, [seqs[i] for i in idx], max_new, tok.eos_token_id, stop=stop)):
-            texts[i] = tok.decode(o["tokens"], skip_special_tokens=True).split("\n\n")[0]
+            texts[i] = answer_of(tok, o["tokens"])
     return texts
 
 
@@ -888,8 +893,8 @@ def one_run(cfg: Config, E: dict, r: int, records: dict, timing: dict, tmp: str)
         if E["labels"]:
             ok = sum(it["y_icl"][0] == it["y_ids"][0] for it in tr)
         else:
-            answer = lambda it: tok.decode(it["y_icl"], skip_special_tokens=True).split("\n\n")[0]
-            ok = sum(parse_answer(E["name"], answer(it)) == parse_answer(E["name"], it["y"]) for it in tr)
+            ok = sum(parse_answer(E["name"], answer_of(tok, it["y_icl"])) == parse_answer(E["name"], it["y"])
+                     for it in tr)
         print(f"[run {r}] teacher: {np.mean([len(it['y_icl']) for it in tr + dv]):.0f} tokens per rollout; "
               f"ICL answers on the {len(tr)} training examples: {ok}/{len(tr)} correct")
     for ev in E["evals"] if "icl" in cfg.methods else []:

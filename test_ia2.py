@@ -519,6 +519,7 @@ def test_cli_end_to_end_and_reproducible(tiny):
     assert "| ia2_then_sft |" in (out / "results.md").read_text() and "| ia2_then_sft |" in p.stdout
     assert json.loads((out / "config.json").read_text())["config"]["n_train"] == 4
     p2 = cli(tiny, *args, out="out2")  # the same command twice gives the same numbers on CPU
+    assert p2.returncode == 0, p2.stderr
     assert json.loads((tiny["root"] / "out2" / "results.json").read_text())["methods"] == res
 
 
