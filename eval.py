@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import ia2
 
-# The paper's SST2 numbers (spec §10): accuracy % / ECE, Qwen3-4B-Base at N=4, Llama-3.2-1B at N=8
+# The paper's SST2 numbers: accuracy % / ECE, Qwen3-4B-Base at N=4, Llama-3.2-1B at N=8
 # (Tables 1, 9, 12, 13), and the mean asim with ICL of Fig. 2.
 PAPER_SST2 = {
     "icl": ("85.4 (0.4) / .13", "77.0 (2.2) / .10"),
@@ -124,12 +124,12 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
     evaluate = lambda seqs: ia2.predict(model, seqs, E["label_ids"])
     out = dict(model=cfg.model, task=cfg.task, data=cfg.data, labels=E["labels"], n_train=cfg.n_train,
                runs=cfg.runs, layers=model.config.num_hidden_layers, asim_examples=k,
-               gold=E["gold"][:3].tolist(), methods={})
+               gold=E["gold"][:3].tolist(), majority=ia2.majority(E["labels"], E["gold"]), methods={})
 
     def record(method, run, pred, acts=None, teach=None):
         entry = out["methods"].setdefault(method, dict(lr=results[method]["lr"], runs=[], conf=[], max_p=[],
                                                        correct=[]))
-        correct = ia2.top1_correct(pred[1], E["gold"], tok, E["labels"])
+        correct = ia2.top1_label(pred[1], tok, E["labels"]) == E["gold"]
         row = dict(run=run, **ia2.metrics(pred, E["gold"], tok, E["labels"]))
         if acts is not None:
             layer_sim = asim(acts, teach).mean(0)  # (L,): mean over examples (one token each)
@@ -284,12 +284,20 @@ def report(a: dict) -> str:
     lines = [f"# Analysis: {title(a)}, {a['runs']} runs\n",
              "Re-evaluated from the saved adapters (lr as selected by ia2.py); largest difference from "
              f"results.json in mean accuracy or ECE: {a['max_abs_diff_vs_results_json']:.2g}.\n",
-             "| method | lr | accuracy | label acc. | ECE | ECE (equal width) | asim |", "|---|---|---|---|---|---|---|"]
+             "| method | lr | accuracy | label acc. | ECE | ECE (equal width) | asim | answers "
+             f"{'/'.join(a['labels'] + ['other'])} (%) |", "|---" * 8 + "|"]
+    maj = a["majority"]
+    lines.append(f"| majority class (always {maj['label']!r}) | – | {maj['accuracy']:.1f} | {maj['accuracy']:.1f} | – | "
+                 "– | – | " + "/".join("100" if x == maj["label"] else "0" for x in a["labels"]) + "/0 |")
     for m, e in methods(a):
         s, lr = summary(e), "–" if e["lr"] is None else f"{e['lr']:g}"
+        shares = [x["predicted"] for x in e["runs"]]
+        one = sum(max(p) == 100 for p in shares)
         lines.append(f"| {m} | {lr} | {pm(s['accuracy'])} | "
                      f"{pm(s['label_accuracy'])} | {pm(s['ece'], '{:.3f}')} | {pm(s['ece_equal_width'], '{:.3f}')} | "
-                     f"{pm(s['asim'], '{:.3f}') if 'asim' in s else '–'} |")
+                     f"{pm(s['asim'], '{:.3f}') if 'asim' in s else '–'} | "
+                     + "/".join(f"{p:.0f}" for p in np.mean(shares, 0))
+                     + (f" **one answer in {one}/{len(shares)} runs**" if one else "") + " |")
     zero = np.array(a["zero_shot_asim_runs"]).mean(1)
     lines += [f"| zero-shot base, asim only | – | | | | | {zero.mean():.3f} ± {zero.std():.3f} |", "",
               "The first eval examples, run 0: top-1 token and p(" + ", ".join(a["labels"]) + ")\n",
@@ -298,13 +306,14 @@ def report(a: dict) -> str:
     lines += [f"| {m} | " + " | ".join(f"{x['top1']!r} " + "/".join(f"{p:.2f}" for p in x["label_p"])
                                          for x in e["examples"]) + " |" for m, e in methods(a)]
     lines += ["",
-              "Accuracy in %, ECE as a fraction, mean ± std (ddof=0) over runs. asim: cosine similarity between "
+              "Accuracy in %, ECE as a fraction, mean ± std (ddof=0) over runs. answers: how often the top-1 token "
+              "is each label or another token, mean over runs. asim: cosine similarity between "
               f"the self-attention outputs with and without ICL demos, on the first {a['asim_examples']} eval "
               "examples, mean over layers. The ICL base model is the reference (asim 1); the zero-shot base "
               "model, no adapter and no demos, is the starting point.\n",
               "![asim per layer](asim.png)\n", "![reliability diagrams](reliability.png)\n"]
     if a["task"] == "sst2":
-        lines += ["## Beside the paper (SST2 rows, spec §10)\n",
+        lines += ["## Beside the paper (SST2 rows: Tables 1, 9, 12 and 13, Fig. 2)\n",
                   "The paper's models and data differ from these: Qwen3-4B-Base at N=4 and Llama-3.2-1B at N=8, "
                   f"real SST-2, 500 eval examples, 5 runs. Here: {title(a)}, {a['runs']} runs. Compare orderings and "
                   "gaps, not values.\n",
@@ -353,20 +362,19 @@ def write(path: str, text: str):
 
 
 def run(folders: list, out: str, device: str, n_asim: int):
+    for folder in folders:
+        load_folder(folder)  # fail on a bad folder before any work
     try:
         import matplotlib
         matplotlib.use("Agg")
     except ImportError:
-        raise ia2.IA2Error("eval.py draws figures with matplotlib: pip install matplotlib")
-    for folder in folders:
-        load_folder(folder)  # fail on a bad folder before any work
+        raise ia2.IA2Error("eval.py draws figures with matplotlib: pip install matplotlib (or -r requirements-dev.txt)")
     analyses = []
     for folder in folders:
         path = os.path.join(folder, "analysis.json")
-        if os.path.isfile(path):
+        a = json.load(open(path)) if os.path.isfile(path) else {}
+        if "majority" in a:  # written by this version of eval.py
             print(f"{folder}: reusing {path}")
-            with open(path) as f:
-                a = json.load(f)
         else:
             a = analyse(folder, device, n_asim)
             write(path, json.dumps(a))

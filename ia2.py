@@ -45,6 +45,7 @@ But (deviations from the official code, details in README.md):
 import argparse
 import collections
 import contextlib
+import csv
 import dataclasses
 import json
 import math
@@ -52,6 +53,7 @@ import os
 import random
 import re
 import shutil
+import string
 import sys
 import time
 from dataclasses import dataclass, field
@@ -75,8 +77,12 @@ class IA2Error(Exception):
 # Configuration: one dataclass, the command line is generated from it
 
 
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, ok=None):
+    """A Config field: its default, its --help text and, optionally, (test, what it must be) for its value."""
+    return field(default=default, metadata=dict(help=help, ok=ok))
+
+
+AT_LEAST = lambda n: (lambda v: v >= n, f">= {n}")
 
 
 @dataclass
@@ -85,25 +91,32 @@ class Config:
     task: str = arg("sst2", "task trained on (--list-tasks prints all 12)")
     eval_tasks: tuple = arg(None, "tasks evaluated on, e.g. sst2 finsen poems; ICL demos always come from --task "
                             "(paper's OOD protocol); unset: --task")
-    data: tuple = arg(None, "local copies instead of the Hub: FILE (for --task) or TASK=FILE ..., .csv/.jsonl/.parquet "
-                      "with the task's template fields plus label (index into the label strings) or answer (text); "
-                      "shuffled with seed 42, the last --eval-size rows (at most half) are the eval set")
+    data: tuple = arg(None, "local copies instead of the Hub: FILE (for --task) or TASK=FILE ...; .csv, .tsv, .jsonl, "
+                      ".json or .parquet with the template's fields (e.g. text) or the Hub dataset's own columns "
+                      "(e.g. sentence), and label (a label string or its index) or answer (text); shuffled with "
+                      "seed 42, the last --eval-size rows (at most half) are the eval set")
     labels: tuple = arg(None, "label strings instead of the task's (sst2: 0 1). Each must be one token. A leading "
                        "space is part of the string: quote it, --labels ' negative' ' positive'")
-    n_train: int = arg(4, "N, labelled examples per run; each query sees the other N-1 as demos (paper: 4 Qwen, 8 Llama)")
-    runs: int = arg(5, "runs r = 0..runs-1, each a different draw of the N examples (paper: 5)")
-    lr: tuple = arg((1e-4, 3e-4, 1e-3), "learning rate, or a grid to select from (paper: 1e-4 3e-4 1e-3)")
+    n_train: int = arg(4, "N, labelled examples per run; each query sees the other N-1 as demos (paper: 4 Qwen, 8 Llama)",
+                        AT_LEAST(2))
+    runs: int = arg(5, "runs r = 0..runs-1, each a different draw of the N examples (paper: 5)", AT_LEAST(1))
+    lr: tuple = arg((1e-4, 3e-4, 1e-3), "learning rate, or a grid to select from (paper: 1e-4 3e-4 1e-3)",
+                     (lambda v: v > 0, "> 0"))
     methods: tuple = arg(METHODS[:-1], "methods to run, any of: " + " ".join(METHODS) + " (kd, the paper's "
                          "Table 4 soft-label baseline, only when named)")
-    beta: float = arg(0.5, "β in (1-β)·L_IA2 + β·L_SFT for ia2_plus_sft (paper grids: Qwen 0.1-0.9, Llama 0.001-0.5)")
-    eval_size: int = arg(500, "evaluation examples, never trained on (paper: 500)")
-    pool_size: int = arg(2000, "training pool the N examples, dev set and ICL demos are drawn from (paper: 2000)")
-    epochs: int = arg(50, "maximum epochs (paper: 50)")
-    patience: int = arg(5, "stop after this many dev checks without improvement; a check every 2 steps (paper: 5)")
-    batch_size: int = arg(4, "examples per optimizer step, min(this, N) (paper: 4, by gradient accumulation)")
-    rank: int = arg(8, "LoRA rank r on q_proj, k_proj, o_proj (paper: 8; alpha = rank, scale 1)")
+    beta: float = arg(0.5, "β in (1-β)·L_IA2 + β·L_SFT for ia2_plus_sft (paper grids: Qwen 0.1-0.9, Llama 0.001-0.5)",
+                       (lambda v: 0 <= v <= 1, "in [0, 1]"))
+    eval_size: int = arg(500, "evaluation examples, never trained on (paper: 500)", AT_LEAST(1))
+    pool_size: int = arg(2000, "training pool the N examples, dev set and ICL demos are drawn from (paper: 2000)",
+                          AT_LEAST(1))
+    epochs: int = arg(50, "maximum epochs (paper: 50)", AT_LEAST(1))
+    patience: int = arg(5, "stop after this many dev checks without improvement; a check every 2 steps (paper: 5)",
+                        AT_LEAST(1))
+    batch_size: int = arg(4, "examples per optimizer step, min(this, N) (paper: 4, by gradient accumulation)",
+                          AT_LEAST(1))
+    rank: int = arg(8, "LoRA rank r on q_proj, k_proj, o_proj (paper: 8; alpha = rank, scale 1)", AT_LEAST(1))
     max_new_tokens: int = arg(None, "multi-token tasks: teacher rollout length T and generation limit (paper: 200; "
-                              "400 for hmath_algebra's evaluation); single-token tasks always use T=1")
+                              "400 for hmath_algebra's evaluation); single-token tasks always use T=1", AT_LEAST(1))
     seed: int = arg(0, "run r uses seed seed+r for its split, demo order, LoRA init and shuffles (paper: r)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu; bf16 base on cuda, fp32 elsewhere")
     out: str = arg(None, "output folder; unset: runs/<task>-<model>-n<N>-<time>")
@@ -123,6 +136,15 @@ def parse_args(argv=None) -> Config:
             kw.update(type=f.type)
         p.add_argument(flag, **kw)
     return Config(**vars(p.parse_args(argv)))
+
+
+def check_flags(cfg: Config):
+    """Each flag against the condition written beside it in Config; the message names the flag and value."""
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, (tuple, list)) else [value]:
+            if f.metadata["ok"] and v is not None and not f.metadata["ok"][0](v):
+                raise IA2Error(f"--{f.name.replace('_', '-')} {v}: must be {f.metadata['ok'][1]}")
 
 
 def set_seed(seed: int):
@@ -146,11 +168,11 @@ def pick_device(name: str):
 # -----------------------------------------------------------------------------
 # 1. Prompts and the few-shot protocol (§5 "Data Setup", App. A)
 
-# The twelve tasks (spec §6): the official code's templates and label strings, no space after the
+# The twelve tasks (App. A; the official prepare_data.py): its templates and label strings, no space after the
 # colon. `row` turns one Hub record into the template's fields plus `label` (an index into `labels`,
 # single-token tasks) or `answer` (the target text, multi-token tasks); None drops the record.
 # splits: (pool, eval); pool None = evaluation only (OOD); eval None = the last --eval-size records
-# of the shuffled pool split. gen: max_new_tokens of the generation evaluation (§7).
+# of the shuffled pool split. gen: max_new_tokens of the generation evaluation (§5).
 SLOTS = ["apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday"]  # App. A, seed 42
 TEXT, QA = "Text:{text}\nLabel:", "Question:{question}\nAnswer:"
 CHOICES = lambda n: ("Question:{question}\nChoices:\n" + "".join(f"[{SLOTS[i]}]{{o{i}}}\n" for i in range(n))
@@ -233,66 +255,123 @@ def load_task(cfg: Config, name: str, labels, path=None):
     task = TASKS[name]
     pool_split, eval_split = task["splits"]
     if path:
-        recs = shuffled(read_local(path, task))
+        recs = [x for _, x in shuffled(examples(task, list(enumerate(read_file(path), 1)), labels, path))]
         n_eval = len(recs) if pool_split is None else min(cfg.eval_size, len(recs) // 2)
+        if pool_split and n_eval < cfg.eval_size:
+            warn(f"{path} has {len(recs)} usable rows: its last {n_eval} (at most half) are the eval set, "
+                 f"not --eval-size {cfg.eval_size}")
         pool, ev = recs[:len(recs) - n_eval], recs[len(recs) - n_eval:]
     else:
-        pool = hub_records(task, pool_split) if pool_split else []
-        ev = hub_records(task, eval_split) if eval_split else pool[len(pool) - cfg.eval_size:]
+        pool = hub_records(task, name, pool_split, labels) if pool_split else []
+        ev = hub_records(task, name, eval_split, labels) if eval_split else pool[len(pool) - cfg.eval_size:]
         pool = pool if eval_split else pool[:len(pool) - cfg.eval_size]
-    rows = lambda recs: [(task["template"].format(**r), r["label" if labels else "answer"]) for r in recs]
-    return check_rows(rows(pool[:cfg.pool_size]), labels), check_rows(rows(ev[:cfg.eval_size]), labels)
+    return pool[:cfg.pool_size], ev[:cfg.eval_size]
 
 
 def shuffled(recs: list) -> list:
-    return [recs[i] for i in np.random.default_rng(42).permutation(len(recs))]  # = datasets' .shuffle(seed=42)
+    """(row number, record) pairs in datasets' .shuffle(seed=42) order."""
+    return [(i + 1, recs[i]) for i in np.random.default_rng(42).permutation(len(recs))]
 
 
-def hub_records(task: dict, split: str) -> list:
+def hub_records(task: dict, name: str, split: str, labels) -> list:
     import datasets
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     try:
         ds = datasets.load_dataset(task["hub"][0], task["hub"][1], split=split)
     except Exception as e:
-        raise IA2Error(f"cannot load {task['hub'][0]} from the Hub ({str(e).splitlines()[0]}); "
-                       "use --data FILE for a local copy")
-    rng = np.random.RandomState(42)  # sciq_remap's option order
-    return [r for r in (task["row"](ex, rng) for ex in shuffled(ds.to_list())) if r is not None]
+        raise IA2Error(f"cannot load {task['hub'][0]} for task {name} from the Hub ({str(e).splitlines()[0]}); "
+                       f"offline, pass a local copy: --data {name}=FILE")
+    return examples(task, shuffled(ds.to_list()), labels, f"{task['hub'][0]} {split}", hub=True)
 
 
-def read_local(path: str, task: dict) -> list:
-    """A local file holds the records already converted: the template's fields plus label or answer."""
-    import datasets
-    import string
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+def read_file(path: str) -> list:
+    """The records of a .csv, .tsv, .jsonl (or .json) or .parquet file, as dicts."""
     ext = os.path.splitext(path)[1].lower()
-    kind = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(ext)
+    if ext not in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
+        raise IA2Error(f"--data {path}: use a .csv, .tsv, .jsonl, .json or .parquet file")
     if not os.path.isfile(path):
         raise IA2Error(f"data file not found: {path}")
-    if kind is None:
-        raise IA2Error(f"--data must end in .csv, .jsonl or .parquet, got {path}")
     try:
-        ds = datasets.load_dataset(kind, data_files=path, split="train")
-    except Exception as e:
+        if ext == ".parquet":
+            import pyarrow.parquet  # installed with datasets
+            recs = pyarrow.parquet.read_table(path).to_pylist()
+        else:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                if ext in (".csv", ".tsv"):
+                    recs = list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
+                    for r in recs:  # as in the Hub's files, a label of digits is a number
+                        if (r.get("label") or "").strip().isdigit():
+                            r["label"] = int(r["label"])
+                else:
+                    text = f.read()
+                    recs = json.loads(text) if text.lstrip().startswith("[") else [
+                        json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError, csv.Error) as e:  # ValueError: JSON, Unicode and Arrow errors
         raise IA2Error(f"cannot read {path}: {str(e).splitlines()[0]}")
-    need = [f for _, f, _, _ in string.Formatter().parse(task["template"]) if f] + \
-        ["label" if task["labels"] else "answer"]
-    if set(need) - set(ds.column_names):
-        raise IA2Error(f"{path} needs columns {', '.join(map(repr, need[:-1]))} and {need[-1]!r}, "
-                       f"found {ds.column_names}")
-    return ds.to_list()
+    if not recs or not all(isinstance(r, dict) for r in recs):
+        raise IA2Error(f"{path}: no records (a header row and one row per example, or one JSON object per line)")
+    return recs
 
 
-def check_rows(rows: list, labels) -> list:
-    for x, y in rows:
-        ok = isinstance(y, int) and 0 <= y < len(labels) if labels else isinstance(y, str)
-        if not ok:
-            raise IA2Error(f"bad row (prompt={x[:40]!r}, {'label' if labels else 'answer'}={y!r}): " +
-                           (f"labels must be integers in 0..{len(labels) - 1}, one per label string"
-                            if labels else "answers must be strings"))
-    return rows
+ALIASES = {"text": ("sentence", "review"), "label": ("sentiment",)}  # everyday names of the same columns
+
+
+def examples(task: dict, recs: list, labels, where: str, hub=False) -> list:
+    """(row number, record) pairs -> (X, y) pairs. A record holds either the Hub dataset's own columns,
+    converted by the task's `row` (dropping what the task drops), or the template's fields plus label or
+    answer (ALIASES allowed). Empty cells and unknown labels stop the run, naming the row."""
+    if not recs:
+        return []
+    need = [f for _, f, _, _ in string.Formatter().parse(task["template"]) if f] + ["label" if labels else "answer"]
+    find = lambda rec, f: next((c for c in (f,) + ALIASES.get(f, ()) if c in rec), f)
+    first = recs[0][1]
+    hub = hub or hub_format(task, first)
+    if not hub and not all(find(first, f) in first for f in need):
+        raise IA2Error(f"{where} needs columns {', '.join(map(repr, need[:-1]))} and {need[-1]!r} (or those of "
+                       f"{task['hub'][0]}), found {', '.join(map(repr, first))}")
+    rng, out = np.random.RandomState(42), []  # rng: sciq_remap's option order
+    for i, rec in recs:
+        rec = task["row"](rec, rng) if hub else {f: rec.get(find(rec, f)) for f in need}
+        if rec is None:
+            continue  # a record the task drops (e.g. FinS neutral)
+        for f in need[:-1]:
+            if not isinstance(rec[f], str) or not rec[f].strip():
+                raise IA2Error(f"{where}, row {i}: {f!r} is empty or missing ({rec[f]!r})")
+        y = label_index(rec["label"], labels, f"{where}, row {i}") if labels else rec["answer"]
+        if not labels and (not isinstance(y, str) or not y.strip()):
+            raise IA2Error(f"{where}, row {i}: the answer must be text, got {y!r}")
+        out.append((task["template"].format(**rec), y))
+    if labels and len({y for _, y in out}) == 1:
+        warn(f"{where}: every example has label {labels[out[0][1]]!r}; accuracy cannot tell a method from "
+             "always answering it")
+    return out
+
+
+def hub_format(task: dict, rec: dict) -> bool:
+    try:
+        task["row"](rec, np.random.RandomState(0))
+        return True
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+
+
+def label_index(v, labels: list, where: str) -> int:
+    """A label cell: one of the label strings (surrounding spaces ignored) or its index 0..n-1."""
+    s = str(v).strip()
+    for i, label in enumerate(labels):
+        if s == label.strip():
+            return i
+    if isinstance(v, (bool, float)) and float(v).is_integer():
+        s = str(int(v))  # True, 1.0 -> "1"
+    if s.isdigit() and int(s) < len(labels):
+        return int(s)
+    raise IA2Error(f"{where}: label {v!r} is neither a label string ({' '.join(map(repr, labels))}) nor an index "
+                   f"0..{len(labels) - 1}" + (" (the cell is empty)" if not s or s in ("None", "nan") else ""))
+
+
+def warn(message: str):
+    print(f"ia2.py: warning: {message}", file=sys.stderr)
 
 
 def few_shot_split(pool: list, n: int, seed: int):
@@ -308,7 +387,7 @@ def encode(tok, prompt: str) -> list:
 
 
 def target_ids(tok, labels, y) -> list:
-    """The ground-truth SFT target: the label's one token, or the answer's tokens + EOS (spec §3),
+    """The ground-truth SFT target: the label's one token, or the answer's tokens + EOS,
     tokenised apart from the prompt (official code)."""
     ids = tok(answer_text(labels, y), add_special_tokens=False).input_ids
     return ids if labels else ids + [tok.eos_token_id]
@@ -495,7 +574,7 @@ def forward(model, prompts: list, targets=None, capture=False, logits=True):
 
 @torch.no_grad()
 def generate(model, prompts: list, max_new: int, eos_id: int, stop=None, capture=False, scores=False):
-    """Greedy decoding of a batch with a KV cache; the teacher rollout (§3) and the evaluation (§7).
+    """Greedy decoding of a batch with a KV cache; the teacher rollout (§3) and the evaluation (§5).
     Left padding puts every prompt's last token in the last column, and position_ids = cumsum(mask)-1
     give each row the positions it has alone (tested against batch size 1). Each step feeds one token
     per row. A row ends after emitting EOS (kept, with its activations, as in the official rollout)
@@ -640,12 +719,15 @@ def train(model, objective: str, train_set: list, dev: list, cfg: Config, lr: fl
                 break
         if bad >= cfg.patience:
             break
+    if bad < cfg.patience:
+        print(f"[{tag}] note: stopped by the --epochs {cfg.epochs} cap, not by early stopping" +
+              (" (the dev loss was still falling)" if bad == 0 else ""))
     load_lora_state(model, best_state)
     return best, step
 
 
 # -----------------------------------------------------------------------------
-# 7. Evaluation (§5, §7). Single-token tasks: one forward, the full-vocabulary softmax at the last
+# 7. Evaluation (§5). Single-token tasks: one forward, the full-vocabulary softmax at the last
 #    prompt token. Multi-token tasks: greedy generation, answer parsing, exact match.
 
 
@@ -693,18 +775,23 @@ def ece_equal_width(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> 
 def metrics(pred, gold: np.ndarray, tok, labels: list) -> dict:
     """Top-1 accuracy: the argmax token over the whole vocabulary, decoded and stripped, equals the
     label string. Label accuracy: the true label's token is the most probable label token.
-    ECE: the paper's (top-1 renormalised over the top 10, equal mass) and the equal-width one."""
+    ECE: the paper's (top-1 renormalised over the top 10, equal mass) and the equal-width one.
+    predicted: % of examples whose top-1 token is each label, then % with any other token."""
     top_p, top_id, label_p = pred
-    correct = top1_correct(top_id, gold, tok, labels)
+    answer = top1_label(top_id, tok, labels)
+    correct = (answer == gold).astype(float)
     return dict(accuracy=100 * correct.mean(),
                 label_accuracy=100 * (label_p[np.arange(len(gold)), gold] >= label_p.max(-1)).mean(),
                 ece=ece(top_p[:, 0] / top_p.sum(-1), correct),
-                ece_equal_width=ece_equal_width(top_p[:, 0], correct))
+                ece_equal_width=ece_equal_width(top_p[:, 0], correct),
+                predicted=(100 * np.bincount(answer, minlength=len(labels) + 1) / len(gold)).tolist())
 
 
-def top1_correct(top_id: np.ndarray, gold: np.ndarray, tok, labels: list) -> np.ndarray:
+def top1_label(top_id: np.ndarray, tok, labels: list) -> np.ndarray:
+    """Which label the top-1 token is (decoded, stripped), per example; len(labels) for any other token."""
     words = [tok.decode([int(i)]).strip() for i in top_id[:, 0]]
-    return np.array([w == labels[g].strip() for w, g in zip(words, gold)], dtype=float)
+    index = {label.strip(): i for i, label in enumerate(labels)}
+    return np.array([index.get(w, len(labels)) for w in words])
 
 
 def boxed(text: str):
@@ -733,7 +820,7 @@ def clean_number(s: str):
 
 
 def parse_answer(task: str, text: str):
-    """The final answer of a generation or of a ground-truth answer, parsed the same way (spec §7).
+    """The final answer of a generation or of a ground-truth answer, parsed the same way.
     gsm8k, gsm8ks: \boxed{x}, '#### x', 'answer is x', 'Answer: x', else the last number; cleaned.
     hmath_algebra: the last \boxed{} (spaces removed). sciqa: the text after the last '####'."""
     if task == "sciqa":
@@ -753,12 +840,12 @@ def parse_answer(task: str, text: str):
 
 
 def answer_of(tok, ids: list) -> str:
-    """A generation's text, cut at the first "\n\n" (§7)."""
+    """A generation's text, cut at the first "\n\n"."""
     return tok.decode(ids, skip_special_tokens=True).split("\n\n")[0]
 
 
 def generate_texts(model, tok, seqs: list, max_new: int, bs: int = 16) -> list:
-    """Greedy continuations, stopped at EOS or at the first "\n\n" (§7) and cut there. Prompts are
+    """Greedy continuations, stopped at EOS or at the first "\n\n" and cut there. Prompts are
     sorted by length so that batches carry little padding."""
     stop = lambda ids: "\n\n" in tok.decode(ids[-2:])  # "\n\n" may be one token or two
     texts, order = [None] * len(seqs), sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -783,17 +870,40 @@ def generation_metrics(model, tok, ev: dict, seqs: list, max_new: int, show: int
 # 8. The experiment: every method x lr x run, then the paper's lr selection (§5)
 
 
-def load_model(name: str, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def hub_reachable() -> bool:
+    """A 3-second look at the Hub, so that an offline machine fails at once instead of after minutes of retries."""
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+                                                      method="HEAD"), timeout=3)
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except OSError:  # no route, no name, refused, timed out
+        return False
+    return True
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
     from transformers.utils import logging
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+        return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         where = "local folder" if os.path.isdir(name) else "not a local folder, and the Hub"
-        raise IA2Error(f"cannot load model {name!r} ({where} said: {str(e).splitlines()[0]})")
+        raise IA2Error(f"cannot load model {name!r} ({where} said: {str(e).splitlines()[0]})"
+                       + ("" if os.path.isdir(name) else "; offline, pass a local copy: --model FOLDER"))
+
+
+def load_model(name: str, device, dtype):
+    from transformers import AutoModelForCausalLM
+    tok = load_tokenizer(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise IA2Error(f"cannot load model {name!r}: {str(e).splitlines()[0]}")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     return tok, model
@@ -815,8 +925,10 @@ def label_tokens(tok, labels: list) -> list:
 
 
 def setup(cfg: Config) -> dict:
-    """Everything that can fail on the user's input fails here, before anything is written. Returns
-    the source task's view (its pool, labels, eval set) and, in E["evals"], one per evaluated task."""
+    """Everything that can fail on the user's input fails here, before anything is written, and every
+    check on the flags and the data comes before the model loads. Returns the source task's view
+    (its pool, labels, eval set) and, in E["evals"], one per evaluated task."""
+    check_flags(cfg)
     names = list(dict.fromkeys(cfg.eval_tasks or [cfg.task]))
     for name in [cfg.task] + names:
         if name not in TASKS:
@@ -831,46 +943,54 @@ def setup(cfg: Config) -> dict:
         raise IA2Error("--labels is for single-token tasks; multi-token tasks answer with text")
     if set(cfg.methods) - set(METHODS):
         raise IA2Error(f"unknown method(s) {sorted(set(cfg.methods) - set(METHODS))}; known: {' '.join(METHODS)}")
-    T = cfg.max_new_tokens
-    if cfg.n_train < 2 or cfg.runs < 1 or cfg.eval_size < 1 or (T is not None and T < 1):
-        raise IA2Error("need --n-train >= 2 (one training example plus its demos), --runs >= 1, --eval-size >= 1, "
-                       "--max-new-tokens >= 1")
-    if min(cfg.lr) <= 0 or not 0 <= cfg.beta <= 1:
-        raise IA2Error("need --lr > 0 and 0 <= --beta <= 1")
-    files = {}  # --data FILE or TASK=FILE ...
+    tasks, files = list(dict.fromkeys([cfg.task] + names)), {}  # --data FILE or TASK=FILE ...
     for d in [cfg.data] if isinstance(cfg.data, str) else cfg.data or ():  # a str in run folders before issue 5
         name, path = d.split("=", 1) if d.split("=", 1)[0] in TASKS else (cfg.task, d)
-        if name not in [cfg.task] + names:
+        if name not in tasks:
             raise IA2Error(f"--data {d}: {name} is neither --task nor one of --eval-tasks")
         files[name] = path
+    check_hub(cfg, tasks, files)
+    labels = {n: task_labels(cfg, n) for n in tasks}
+    data = {n: load_task(cfg, n, labels[n], files.get(n)) for n in tasks}
+    need = cfg.n_train + min(48, cfg.n_train // 2) + cfg.n_train - 1
+    if len(data[cfg.task][0]) < need:
+        raise IA2Error(f"--n-train {cfg.n_train} needs {need} pool examples (N train, min(48, N//2) dev, N-1 ICL "
+                       f"demos), the data has {len(data[cfg.task][0])}")
     device, dtype = pick_device(cfg.device)
-    tok, model = load_model(cfg.model, device, dtype)
+    tok = load_tokenizer(cfg.model)
     if multi and tok.eos_token_id is None:
         raise IA2Error(f"{cfg.model}'s tokenizer has no EOS token; multi-token targets end with one")
-    views = {n: task_view(cfg, tok, n, files.get(n)) for n in dict.fromkeys([cfg.task] + names)}
-    need = cfg.n_train + min(48, cfg.n_train // 2) + cfg.n_train - 1
-    if len(views[cfg.task]["pool"]) < need:
-        raise IA2Error(f"N={cfg.n_train} needs {need} pool examples (N train, min(48, N//2) dev, N-1 ICL "
-                       f"demos), the data has {len(views[cfg.task]['pool'])}")
+    label_ids = {n: label_tokens(tok, labels[n]) if labels[n] else None for n in tasks}
+    tok, model = load_model(cfg.model, device, dtype)
     add_lora(model, r=cfg.rank, alpha=cfg.rank)
+    views = {n: dict(name=n, task=TASKS[n], labels=labels[n], label_ids=label_ids[n], pool=data[n][0],
+                     eval_set=data[n][1], queries=[encode(tok, x) for x, _ in data[n][1]],
+                     gold=np.array([y for _, y in data[n][1]], dtype=int if labels[n] else object)) for n in tasks}
     return dict(tok=tok, model=model, **views[cfg.task], evals=[views[n] for n in names])
 
 
-PAIRED = {"poems": "sst2", "bbcnews": "agnews", "qasc_remap": "sciq_remap", "gsm8ks": "gsm8k"}  # §6 pairings
+PAIRED = {"poems": "sst2", "bbcnews": "agnews", "qasc_remap": "sciq_remap", "gsm8ks": "gsm8k"}  # OOD pairings (§5)
 
 
-def task_view(cfg: Config, tok, name: str, path=None) -> dict:
-    """One task's labels (and their token ids), pool, eval set and encoded eval queries X."""
-    task, labels = TASKS[name], TASKS[name]["labels"]
-    if labels and cfg.labels:
-        if len(cfg.labels) != len(labels):
-            raise IA2Error(f"--labels gives {len(cfg.labels)} labels, task {name} has {len(labels)}")
-        labels = list(cfg.labels)
-    label_ids = label_tokens(tok, labels) if labels else None
-    pool, eval_set = load_task(cfg, name, labels, path)
-    return dict(name=name, task=task, labels=labels, label_ids=label_ids, pool=pool, eval_set=eval_set,
-                queries=[encode(tok, x) for x, _ in eval_set], gold=np.array([y for _, y in eval_set], dtype=object
-                                                                              if labels is None else int))
+def task_labels(cfg: Config, name: str):
+    """The task's label strings, or --labels in their place; None for multi-token tasks."""
+    labels = TASKS[name]["labels"]
+    if labels and cfg.labels and len(cfg.labels) != len(labels):
+        raise IA2Error(f"--labels {' '.join(cfg.labels)}: task {name} has {len(labels)} labels, not {len(cfg.labels)}")
+    return list(cfg.labels) if labels and cfg.labels else labels
+
+
+def check_hub(cfg: Config, tasks: list, files: dict):
+    """Offline, fail in seconds with what to pass instead, if the model or some task's data needs the Hub."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", "")
+    missing = [n for n in tasks if n not in files]
+    if offline or not (missing or not os.path.isdir(cfg.model)) or hub_reachable():
+        return
+    data = "FILE" if tasks == [cfg.task] else " ".join(f"{n}={files.get(n, 'FILE')}" for n in tasks)
+    need = ([] if os.path.isdir(cfg.model) else ["--model FOLDER (a local copy of the model)"]) + \
+        ([f"--data {data}"] if missing else [])
+    raise IA2Error(f"the Hugging Face Hub cannot be reached: pass {' and '.join(need)}, or set HF_HUB_OFFLINE=1 "
+                   "HF_DATASETS_OFFLINE=1 to use what your Hub cache already holds")
 
 
 def evaluate(cfg: Config, E: dict, ev: dict, seqs: list, show: int = 0, tag: str = "") -> dict:
@@ -895,7 +1015,8 @@ def one_run(cfg: Config, E: dict, r: int, records: dict, timing: dict, tmp: str)
         else:
             ok = sum(parse_answer(E["name"], answer_of(tok, it["y_icl"])) == parse_answer(E["name"], it["y"])
                      for it in tr)
-        print(f"[run {r}] teacher: {np.mean([len(it['y_icl']) for it in tr + dv]):.0f} tokens per rollout; "
+        T_mean = float(np.mean([len(it["y_icl"]) for it in tr + dv]))
+        print(f"[run {r}] teacher: {T_mean:.0f} token{'s' * (T_mean != 1)} per rollout; "
               f"ICL answers on the {len(tr)} training examples: {ok}/{len(tr)} correct")
     for ev in E["evals"] if "icl" in cfg.methods else []:
         tick = time.time()
@@ -929,49 +1050,102 @@ def one_run(cfg: Config, E: dict, r: int, records: dict, timing: dict, tmp: str)
                 print(f"[{tag}] {ev['name']}: acc {rec['accuracy']:.1f}" +
                       (f" | ece {rec['ece']:.3f}" if "ece" in rec else "") + f" | best dev {best:.4f} | {steps} steps")
             save_adapter(model, os.path.join(tmp, "adapters", m, f"lr{lr:g}", f"run{r}"), cfg)
+            if r == 0 and lr == cfg.lr[0] and m == next(m for m in TRAINED if m in cfg.methods):
+                print(estimate(cfg, timing))
+
+
+def estimate(cfg: Config, timing: dict) -> str:
+    """After the first adapter: its cost times the adapters to come, plus the per-run costs (teacher, ICL)."""
+    trained = [m for m in TRAINED if m in cfg.methods]
+    adapter = sum(v for k, v in timing.items() if k.startswith(("train/", "eval/")) and not k.endswith(
+        ("/icl", "/zero_shot")))
+    per_run = timing["teacher"] + sum(v for k, v in timing.items() if k.endswith("/icl"))
+    left = adapter * (cfg.runs * len(cfg.lr) * len(trained) - 1) + per_run * (cfg.runs - 1)
+    return (f"estimate: the first adapter took {adapter:.0f} s (training and evaluation); the rest should take about "
+            f"{f'{left:.0f} s' if left < 120 else f'{left / 60:.0f} min'} more here (early stopping makes adapters differ)")
 
 
 def summarize(records: dict) -> dict:
     """Mean and population std (ddof=0) over runs for each lr; the lr is chosen, as in the paper, by
-    the best mean top-1 accuracy on the eval set. The lr with the lowest mean dev loss is reported too."""
+    the best mean top-1 accuracy on the eval set. The lr with the lowest mean dev loss is reported too.
+    predicted: the mean % per answer (labels, then other tokens); one_answer_runs: runs in which every
+    example got the same answer."""
     out = {}
-    for m, by_lr in records.items():
+    for m, by_lr in ((m, by_lr) for m, by_lr in records.items() if by_lr):
         keys = [k for k in METRICS if k in next(iter(by_lr.values()))[0]]
-        rows = {lr: dict(runs=runs, mean={k: float(np.mean([x[k] for x in runs])) for k in keys},
-                         std={k: float(np.std([x[k] for x in runs])) for k in keys}) for lr, runs in by_lr.items()}
+        stats = lambda runs: dict(runs=runs, mean={k: float(np.mean([x[k] for x in runs])) for k in keys},
+                                  std={k: float(np.std([x[k] for x in runs])) for k in keys},
+                                  **({} if "predicted" not in runs[0] else dict(
+                                      predicted=np.mean([x["predicted"] for x in runs], 0).tolist(),
+                                      one_answer_runs=sum(max(x["predicted"]) == 100 for x in runs))))
+        rows = {lr: stats(runs) for lr, runs in by_lr.items()}
         if m not in TRAINED:
             out[m] = dict(lr=None, **rows[None])
             continue
         lr_eval = max(rows, key=lambda lr: rows[lr]["mean"]["accuracy"])
         lr_dev = min(rows, key=lambda lr: np.mean([x["dev_loss"] for x in by_lr[lr]]))
-        out[m] = dict(lr=lr_eval, mean=rows[lr_eval]["mean"], std=rows[lr_eval]["std"], lr_dev_selected=lr_dev,
+        out[m] = dict(rows[lr_eval], lr=lr_eval, lr_dev_selected=lr_dev,
                       dev_selected=dict(mean=rows[lr_dev]["mean"], std=rows[lr_dev]["std"]),
                       by_lr={f"{lr:g}": row for lr, row in rows.items()})
+        del out[m]["runs"]
     return out
 
 
-def table(results: dict) -> str:
+def majority(labels: list, gold: np.ndarray) -> dict:
+    """The accuracy of always answering the eval set's most frequent label: the bar a method must clear."""
+    counts = np.bincount(gold, minlength=len(labels))
+    return dict(label=labels[counts.argmax()], accuracy=float(100 * counts.max() / len(gold)))
+
+
+def table(results: dict, labels, maj=None) -> str:
+    """One eval task's table; single-token tasks also get the majority-class row and what each method
+    answers (a method giving one answer to every example in some run is marked)."""
     pm = lambda r, k, scale="{:.1f}": (f"{scale.format(r['mean'][k])} ± {scale.format(r['std'][k])}"
-                                       if k in r["mean"] else "–")  # multi-token tasks: accuracy only
+                                       if k in r["mean"] else "–")
+    answers = "/".join(labels + ["other"]) if labels else None
     lines = ["| method | lr | accuracy | label acc. | ECE | ECE (equal width) | lr (dev-selected) | accuracy "
-             "(dev-selected) |", "|---|---|---|---|---|---|---|---|"]
-    for m in METHODS:
-        if m not in results:
-            continue
+             "(dev-selected) |" + (f" answers {answers} (%) |" if labels else ""), "|---" * (8 + bool(labels)) + "|"]
+    if maj:
+        lines.append(f"| majority class (always {maj['label']!r}) | – | {maj['accuracy']:.1f} | {maj['accuracy']:.1f} "
+                     "| – | – | – | – | " + "/".join("100" if lab == maj["label"] else "0" for lab in labels) + "/0 |")
+    for m in (m for m in METHODS if m in results):
         r = results[m]
         dev = ([f"{r['lr_dev_selected']:g}", pm(r["dev_selected"], "accuracy")] if r["lr"] is not None
                else ["–", "–"])
-        lines.append(" | ".join(["", m, "–" if r["lr"] is None else f"{r['lr']:g}", pm(r, "accuracy"),
-                                 pm(r, "label_accuracy"), pm(r, "ece", "{:.3f}"), pm(r, "ece_equal_width", "{:.3f}"),
-                                 *dev, ""]).strip())
-    return "\n".join(lines) + ("\n\naccuracy (exact match of the parsed answer for multi-token tasks) and label "
-                               "accuracy in %, ECE as a fraction; mean ± std over runs. lr: selected on the eval set "
-                               "by mean accuracy, as the paper does; lr (dev-selected): lowest mean dev loss.")
+        cells = ["", m, "–" if r["lr"] is None else f"{r['lr']:g}", pm(r, "accuracy"), pm(r, "label_accuracy"),
+                 pm(r, "ece", "{:.3f}"), pm(r, "ece_equal_width", "{:.3f}"), *dev]
+        if labels:
+            runs = len(r["by_lr"][f"{r['lr']:g}"]["runs"]) if r["lr"] is not None else len(r["runs"])
+            cells.append("/".join(f"{p:.0f}" for p in r["predicted"]) + (
+                f" **one answer in {r['one_answer_runs']}/{runs} run{'s' * (runs > 1)}**" if r["one_answer_runs"]
+                else ""))
+        lines.append(" | ".join(cells + [""]).strip())
+    note = ("top-1 accuracy and label accuracy in %, ECE as a fraction" if labels else
+            "accuracy: exact match of the parsed answer, in %")
+    return "\n".join(lines) + (f"\n\n{note}; mean ± std over runs. lr: selected on the eval set by mean accuracy, "
+                               "as the paper does; lr (dev-selected): lowest mean dev loss." + (
+                                   " answers: how often the top-1 token is each label or another token, mean over "
+                                   "runs." if labels else ""))
 
 
-def tables(cfg: Config, results: dict) -> str:
-    return "\n\n".join(f"## {cfg.task} -> {name}{'' if name == cfg.task else ' (OOD, ICL demos from ' + cfg.task + ')'}"
-                       f"\n\n{table(r)}" for name, r in results.items())
+def tables(cfg: Config, results: dict, E: dict) -> str:
+    return "\n\n".join(f"## {cfg.task} -> {ev['name']}"
+                        f"{'' if ev['name'] == cfg.task else ' (OOD, ICL demos from ' + cfg.task + ')'}\n\n"
+                        f"{table(results[ev['name']], ev['labels'], ev['labels'] and majority(ev['labels'], ev['gold']))}"
+                        for ev in E["evals"])
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def plan(cfg: Config, E: dict) -> str:
+    trained = [m for m in TRAINED if m in cfg.methods]
+    n = cfg.runs * len(cfg.lr) * len(trained)
+    evals = ", ".join(f"{len(ev['eval_set'])} {ev['name']}" for ev in E["evals"])
+    return (f"plan: {plural(cfg.runs, 'run')} x {plural(len(cfg.lr), 'lr')} x {plural(len(trained), 'trained method')}"
+            f" = {plural(n, 'adapter')} (at most {cfg.epochs} epochs each), evaluated on {evals} eval examples, "
+            f"as are zero-shot (once) and ICL (once per run)")
 
 
 def run_experiment(cfg: Config) -> dict:
@@ -984,6 +1158,7 @@ def run_experiment(cfg: Config) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     records = {ev["name"]: {m: {} for m in cfg.methods} for ev in E["evals"]}  # eval task -> method -> lr
     timing = collections.defaultdict(float, load=time.time() - t0)  # seconds per phase, summed over runs
+    print(plan(cfg, E))
     try:
         for ev in E["evals"] if "zero_shot" in cfg.methods else []:
             tick = time.time()
@@ -993,19 +1168,24 @@ def run_experiment(cfg: Config) -> dict:
             timing[f"eval/{ev['name']}/zero_shot"] = time.time() - tick
         for r in range(cfg.runs):
             one_run(cfg, E, r, records, timing, tmp)
-        results = {name: summarize(rec) for name, rec in records.items()}
+    except KeyboardInterrupt:
         timing["total"] = time.time() - t0
-        write_outputs(cfg, E, tmp, results, timing)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        os.replace(tmp, out)
+        write_outputs(cfg, E, tmp, {n: summarize(rec) for n, rec in records.items()}, timing, interrupted=True)
+        print(f"ia2.py: interrupted; the adapters and results finished so far are in {tmp}/", file=sys.stderr)
+        sys.exit(130)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # no half-written output
+        shutil.rmtree(tmp, ignore_errors=True)  # an error: no half-written output
         raise
-    print("\n" + tables(cfg, results) + f"\n\nwritten to {out}/ in {timing['total']:.0f} s")
+    results = {name: summarize(rec) for name, rec in records.items()}
+    timing["total"] = time.time() - t0
+    write_outputs(cfg, E, tmp, results, timing)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    os.replace(tmp, out)
+    print("\n" + tables(cfg, results, E) + f"\n\nwritten to {out}/ in {timing['total']:.0f} s")
     return results
 
 
-def write_outputs(cfg: Config, E: dict, folder: str, results: dict, timing: dict):
+def write_outputs(cfg: Config, E: dict, folder: str, results: dict, timing: dict, interrupted=False):
     """config.json; results.json with `methods` (the --task eval set, if evaluated) and `ood` (the others)."""
     import transformers
     model = E["model"]
@@ -1020,10 +1200,12 @@ def write_outputs(cfg: Config, E: dict, folder: str, results: dict, timing: dict
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(dict(**({"methods": results[cfg.task]} if cfg.task in results else {}),
                        ood={n: r for n, r in results.items() if n != cfg.task}, timing_s=timing,
+                       majority={ev["name"]: majority(ev["labels"], ev["gold"]) for ev in E["evals"] if ev["labels"]},
                        selection="lr selected on each eval set by mean accuracy (paper); dev_selected: lowest "
-                                 "mean dev loss"), f, indent=2)
+                                 "mean dev loss", **({"interrupted": True} if interrupted else {})), f, indent=2)
     with open(os.path.join(folder, "results.md"), "w") as f:
-        f.write(f"# {cfg.task}, {cfg.model}, N={cfg.n_train}, {cfg.runs} runs\n\n{tables(cfg, results)}\n")
+        f.write(f"# {cfg.task}, {cfg.model}, N={cfg.n_train}, {plural(cfg.runs, 'run')}"
+                f"{' (interrupted: the runs finished so far)' if interrupted else ''}\n\n{tables(cfg, results, E)}\n")
 
 
 def main(argv=None):

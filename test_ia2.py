@@ -6,8 +6,11 @@ import csv
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -597,17 +600,17 @@ def test_saved_adapter_loads_in_peft(tiny):
     (["--model", "/no/such/model"], "cannot load model"),
     (["--data", "/no/such.csv"], "data file not found"),
     (["--data", "BADCOLS"], "needs columns 'text' and 'label'"),
-    (["--data", "BADLABEL"], "labels must be integers in 0..1"),
+    (["--data", "BADLABEL"], "row 2: label 'pos' is neither a label string"),
     (["--labels", "0", "zqxv"], "label 'zqxv' is"),
     (["--n-train", "60"], "needs 149 pool examples"),
     (["--device", "cuda"], "no CUDA"),
-    (["--task", "gsm8k", "--max-new-tokens", "0"], "--max-new-tokens >= 1"),
+    (["--task", "gsm8k", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
     (["--task", "poems"], "evaluation-only task"),
     (["--eval-tasks", "sst2", "nope"], "unknown task 'nope'"),
     (["--eval-tasks", "gsm8k"], "all single-token or all multi-token"),
     (["--task", "gsm8k", "--labels", "a", "b"], "--labels is for single-token tasks"),
     (["--data", "agnews=x.csv"], "agnews is neither --task nor one of --eval-tasks"),
-    (["--task", "gsm8k", "--data", "BADANSWER"], "answers must be strings"),
+    (["--task", "gsm8k", "--data", "BADANSWER"], "bad.jsonl, row 1: the answer must be text, got 5"),
 ])
 def test_bad_input_one_line_and_nothing_written(tiny, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
@@ -620,14 +623,14 @@ def test_bad_input_one_line_and_nothing_written(tiny, capsys, args, message):
         args[-1] = write_jsonl(tiny["root"] / "bad.jsonl", [dict(question="q", answer=5)] * 4)
     out = tiny["root"] / "bad-out"
     with pytest.raises(SystemExit) as e:
-        ia2.main(["--model", tiny["model"], "--data", tiny["data"], "--out", str(out), *args])
+        ia2.main(["--model", tiny["model"], "--data", tiny["data"], "--eval-size", "20", "--out", str(out), *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not (tiny["root"] / "bad-out.partial").exists()
 
 
 def test_bad_input_from_the_shell_prints_no_traceback(tiny):
-    p = cli(tiny, "--labels", "0", "zqxv", out="never")
+    p = cli(tiny, "--labels", "0", "zqxv", "--eval-size", "20", out="never")
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
@@ -639,6 +642,136 @@ def test_nan_loss_stops_with_a_message_and_writes_nothing(tiny, capsys, monkeypa
                   "--runs", "1", "--lr", "1e-3", "--methods", "zero_shot", "sft"])
     assert e.value.code == 2 and "nan" in capsys.readouterr().err
     assert not out.exists() and not (tiny["root"] / "nan-out.partial").exists()
+
+
+def write_rows(path, header, rows, sep=","):
+    with open(path, "w", newline="") as f:
+        csv.writer(f, delimiter=sep).writerows([header] + rows)
+    return str(path)
+
+
+def test_everyday_files_are_read_like_the_canonical_one(tiny):
+    """Label strings or indices, the Hub's column names (sst2: sentence), review/sentiment, .tsv, .json,
+    .parquet: all give the same examples as a text,label csv of indices."""
+    import pyarrow
+    import pyarrow.parquet
+    root, labels = tiny["root"], ["negative", "positive"]
+    rows = [(f"the film was {'good' if i % 3 else 'dull'} {i}", i % 3 and 1 or 0) for i in range(40)]
+    cfg = ia2.Config(eval_size=10)
+    want = ia2.load_task(cfg, "sst2", labels, write_rows(root / "canon.csv", ["text", "label"], rows))
+    assert len(want[1]) == 10 and want[1][0][0].startswith("Text:the film was")
+    files = [write_rows(root / "words.csv", ["text", "label"], [(t, labels[y]) for t, y in rows]),
+             write_rows(root / "spaced.csv", ["text", "label"], [(t, " " + labels[y]) for t, y in rows]),
+             write_rows(root / "hub.csv", ["idx", "sentence", "label"], [(i, t, y) for i, (t, y) in enumerate(rows)]),
+             write_rows(root / "imdb.tsv", ["review", "sentiment"], [(t, labels[y]) for t, y in rows], sep="\t"),
+             write_jsonl(root / "rows.jsonl", [dict(text=t, label=y) for t, y in rows])]
+    (root / "rows.json").write_text(json.dumps([dict(text=t, label=labels[y]) for t, y in rows]))
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([dict(text=t, label=y) for t, y in rows]),
+                                root / "rows.parquet")
+    for path in files + [str(root / "rows.json"), str(root / "rows.parquet")]:
+        assert ia2.load_task(cfg, "sst2", labels, path) == want, path
+    # a local copy of a Hub dataset is converted like the Hub's: FinS labels {0, 2} -> {0, 1}, neutral dropped
+    fin = write_rows(root / "fin.csv", ["sentence", "label"], [(f"profit {i}", i % 3) for i in range(30)])
+    pool, ev = ia2.load_task(cfg, "finsen", ["0", "1"], fin)
+    assert len(pool + ev) == 20 and {y for _, y in pool + ev} == {0, 1}
+    assert all((int(x.split()[1].split("\n")[0]) % 3) // 2 == y for x, y in pool + ev)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("text,label\ngood film,1\nbad film,\ngreat,0\n", "row 2: label '' is neither a label string ('0' '1') nor an "
+                                                      "index 0..1 (the cell is empty)"),
+    ("text,label\ngood film,1\n,0\ngreat,0\n", "row 2: 'text' is empty or missing ('')"),
+    ("text,label\ngood film,1\nbad film\n", "row 2: label None is neither"),  # a short row: a missing cell
+    ("text,label\ngood film,1\nbad film,2\n", "row 2: label 2 is neither"),
+    ("text;label\ngood film;1\n", "needs columns 'text' and 'label' (or those of stanfordnlp/sst2), found 'text;label'"),
+])
+def test_bad_rows_are_named(tiny, body, message):
+    path = tiny["root"] / "bad-rows.csv"
+    path.write_text(body)
+    with pytest.raises(ia2.IA2Error, match=re.escape(message)):
+        ia2.load_task(ia2.Config(eval_size=2), "sst2", ["0", "1"], str(path))
+
+
+def test_a_healthy_row_beside_an_empty_one_is_not_blamed_and_one_class_is_warned(tiny, capsys):
+    path = write_rows(tiny["root"] / "one-class.csv", ["text", "label"], [(f"good {i}", 1) for i in range(12)])
+    pool, ev = ia2.load_task(ia2.Config(eval_size=100), "sst2", ["0", "1"], path)
+    err = capsys.readouterr().err
+    assert "every example has label '1'" in err and "its last 6 (at most half) are the eval set, not --eval-size 100" in err
+    assert len(ev) == 6 and all(isinstance(y, int) for _, y in pool + ev)
+
+
+def test_tables_show_the_majority_class_and_what_each_method_answers(tiny):
+    run = lambda p: dict(accuracy=p[1], label_accuracy=p[1], ece=0.1, ece_equal_width=0.1, predicted=p, dev_loss=1.0)
+    records = {"icl": {None: [run([40.0, 55.0, 5.0]), run([30.0, 70.0, 0.0])]},
+               "ia2": {1e-3: [run([0.0, 100.0, 0.0]), run([10.0, 90.0, 0.0])], 1e-4: [run([0, 0, 100.0])] * 2}}
+    maj = ia2.majority(["0", "1"], np.array([1, 1, 0, 1]))
+    assert maj == dict(label="1", accuracy=75.0)
+    text = ia2.table(ia2.summarize(records), ["0", "1"], maj)
+    assert "| majority class (always '1') | – | 75.0 | 75.0 |" in text and "answers 0/1/other (%)" in text
+    assert "| icl | – | 62.5 ± 7.5 |" in text and "| 35/62/2 |" in text  # mean shares over runs
+    assert "| 5/95/0 **one answer in 1/2 runs** |" in text  # ia2 at its selected lr, 1e-3
+
+
+def test_plan_estimate_epochs_cap_and_flag_messages(tiny):
+    p = cli(tiny, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--epochs", "1", "--lr", "1e-3",
+            "--methods", "zero_shot", "sft", "ia2", out="plan")
+    assert p.returncode == 0, p.stderr
+    assert "plan: 2 runs x 1 lr x 2 trained methods = 4 adapters (at most 1 epochs each), evaluated on 10 sst2" in p.stdout
+    assert p.stdout.index("plan:") < p.stdout.index("[sft lr=0.001 run 0] ep 0")
+    assert p.stdout.count("estimate: the first adapter took") == 1
+    assert "[sft lr=0.001 run 0] note: stopped by the --epochs 1 cap, not by early stopping" in p.stdout
+    md = (tiny["root"] / "plan" / "results.md").read_text()
+    assert md.startswith("# sst2, ") and ", 2 runs\n" in md and "majority class (always" in md
+    assert "multi-token" not in md and "top-1 accuracy and label accuracy in %" in md
+    for args, message in ((["--n-train", "1"], "--n-train 1: must be >= 2"), (["--lr", "1e-3", "0"], "--lr 0.0: must be > 0"),
+                          (["--beta", "2"], "--beta 2.0: must be in [0, 1]"), (["--runs", "0"], "--runs 0: must be >= 1")):
+        p = cli(tiny, *args, out="never")
+        assert p.returncode == 2 and p.stderr.strip() == f"ia2.py: error: {message}", p.stderr
+
+
+def test_data_errors_come_before_the_model_loads(tiny):
+    bad = write_rows(tiny["root"] / "early.csv", ["text", "label"], [("good", 1), ("bad", 7)])
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ia2.py"), "--model", str(tiny["root"] / "no-model"),
+                        "--data", bad, "--out", str(tiny["root"] / "never")], capture_output=True, text=True)
+    assert p.returncode == 2 and "row 2: label 7 is neither" in p.stderr and "model" not in p.stderr
+
+
+def test_offline_fails_fast_with_what_to_pass_instead(tiny):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: an unreachable Hub
+    run = lambda env, *args: subprocess.run([sys.executable, os.path.join(HERE, "ia2.py"), *args, "--eval-size", "20",
+                                             "--out", str(tiny["root"] / "never")], capture_output=True, text=True,
+                                            env=env, timeout=60)
+    t = time.time()
+    p = run(env, "--model", "nobody/no-such-model")
+    assert p.returncode == 2 and time.time() - t < 10 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "Hub cannot be reached: pass --model FOLDER" in p.stderr and "--data FILE" in p.stderr
+    assert "HF_HUB_OFFLINE=1" in p.stderr
+    p = run(env, "--model", tiny["model"], "--data", f"sst2={tiny['data']}", "--eval-tasks", "sst2", "poems")
+    assert p.returncode == 2 and f"pass --data sst2={tiny['data']} poems=FILE," in p.stderr, p.stderr
+    t = time.time()
+    p = run(dict(env, HF_HUB_OFFLINE="1"), "--model", "nobody/no-such-model", "--data", tiny["data"])
+    assert p.returncode == 2 and time.time() - t < 10 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "cannot load model 'nobody/no-such-model'" in p.stderr and "--model FOLDER" in p.stderr
+
+
+def test_ctrl_c_keeps_finished_adapters_and_results_in_partial(tiny):
+    out = tiny["root"] / "sigint"
+    cmd = [sys.executable, os.path.join(HERE, "ia2.py"), "--model", tiny["model"], "--data", tiny["data"],
+           "--out", str(out), "--n-train", "4", "--runs", "3", "--eval-size", "10", "--lr", "1e-3"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out.parent / "sigint.partial" / "adapters" / "sft" / "lr0.001" / "run0" / "adapter_config.json"
+    t = time.time()
+    while not first.exists() and p.poll() is None and time.time() - t < 300:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"interrupted; the adapters and results finished so far are in {out}.partial/" in stderr
+    assert not out.exists() and first.exists()
+    res = json.loads((out.parent / "sigint.partial" / "results.json").read_text())
+    assert res["interrupted"] and res["methods"]["sft"]["by_lr"]["0.001"]["runs"][0]["run"] == 0
+    assert "(interrupted" in (out.parent / "sigint.partial" / "results.md").read_text()
 
 
 def test_cli_flags_parse():
