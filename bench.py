@@ -1,12 +1,12 @@
-"""Timings for the README.
+"""Timings for the README, on a CPU or a GPU (clocks are read after torch.cuda.synchronize()).
 
-    python bench.py --model <folder> --data rotten_tomatoes.csv [--n-train 8] [--repeats 10]
+    python bench.py --model <folder> --data rotten_tomatoes.csv [--device cuda] [--jobs 15] [--repeats 5]
     python bench.py --model <folder> --data rotten_tomatoes.csv --rollout [--demos 3] [--prompts 2]
 
-Default: one IA2 step vs one SFT step on the same batch, and one right-padded batch vs the official
-code's one-example-at-a-time gradient accumulation. A step is forward + backward + Adam on a batch of
-min(4, N) training queries; the teacher's activations are computed once beforehand, as in ia2.py,
-and timed separately.
+Default: what ia2.py does over and over, for 1 adapter and for --jobs adapters trained together (the
+default grid: 3 lrs x 5 runs = 15): one training step (forward, backward and Adam on min(4, N)
+examples per adapter), one dev check, and the evaluation of every adapter on --queries eval queries;
+plus the teacher's forward over every run's training and dev examples. ms per call, mean of --repeats.
 
 --rollout: the teacher's multi-token rollout at T = 32, 64, 128, 200, ia2.py's KV-cached generate()
 against the official full re-forward of the whole sequence at every step, on the same ICL prompts
@@ -22,11 +22,19 @@ import torch
 import ia2
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats, device):
+    """Mean seconds per call, after one warm-up call."""
+    fn()
+    sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync(device)
     return (time.perf_counter() - t) / repeats
 
 
@@ -37,18 +45,22 @@ def rollout_uncached(model, ids, T):
     for _ in range(T):
         with ia2.capture_activations(model) as a:
             logits = model(torch.tensor([ids], device=model.device)).logits[0, -1]
-        acts.append(torch.stack([x[0, -1] for x in a]).cpu())
+        acts.append(torch.stack([x[0, -1] for x in a]))
         toks.append(int(logits.argmax()))
         ids.append(toks[-1])
     return toks, torch.stack(acts, 1)
 
 
-def timed_steps(fn):
+def timed_steps(fn, model):
     """Runs fn() and returns its result and the seconds elapsed at the end of each model.model forward
     (one per rollout step). The first T steps of a T=200 rollout are the T-step rollout, so one run
     gives the time for every T."""
     stamps, t0 = [], time.perf_counter()
-    hook = fn.model.model.register_forward_hook(lambda *_: stamps.append(time.perf_counter() - t0))
+
+    def stamp(*_):
+        sync(model.device)
+        stamps.append(time.perf_counter() - t0)
+    hook = model.model.register_forward_hook(stamp)
     try:
         return fn(), stamps
     finally:
@@ -60,63 +72,72 @@ def rollout_speed(model, tok, pool, labels, n_demos, n_prompts, Ts=(32, 64, 128,
     prompts = [ia2.encode(tok, ia2.make_prompt(pool[i][0], [x + labels[y] for x, y in pool[i + 1:i + 1 + n_demos]]))
                for i in range(0, 50 * n_prompts, 50)]
     print(f"\n{n_prompts} ICL prompts of {n_demos} demos + a query, {[len(p) for p in prompts]} tokens; "
-          f"{torch.get_num_threads()} CPU threads, fp32; seconds per rollout of T tokens, mean over the prompts\n")
+          f"{model.device}, {model.dtype}; seconds per rollout of T tokens, mean over the prompts\n")
     cached, full = [], []
     for p in prompts:
-        run_cached = lambda: ia2.generate(model, [p], max(Ts), eos_id=-1, capture=True)[0]
-        run_full = lambda: rollout_uncached(model, p, max(Ts))
-        run_cached.model = run_full.model = model
-        cached.append(timed_steps(run_cached))
-        full.append(timed_steps(run_full))
+        cached.append(timed_steps(lambda: ia2.generate(model, [p], max(Ts), eos_id=-1, capture=True)[0], model))
+        full.append(timed_steps(lambda: rollout_uncached(model, p, max(Ts)), model))
     same = all(c["tokens"] == f[0] for (c, _), (f, _) in zip(cached, full))
-    diff = max(float((c["acts"] - f[1]).abs().max()) for (c, _), (f, _) in zip(cached, full))
+    diff = max(float((c["acts"].float() - f[1].float()).abs().max()) for (c, _), (f, _) in zip(cached, full))
     print("| T | KV-cached (ia2.generate) | full re-forward (official) | speed-up |\n|---|---|---|---|")
     for T in Ts:
         a = np.mean([s[T - 1] for _, s in cached])
         b = np.mean([s[T - 1] for _, s in full])
-        print(f"| {T} | {a:.1f} | {b:.1f} | {b / a:.1f}x |")
+        print(f"| {T} | {a:.2f} | {b:.2f} | {b / a:.1f}x |")
     print(f"\nsame {max(Ts)} tokens: {same}; largest |difference| of the activations (L, T, D): {diff:.1e}")
+
+
+def grid_speed(cfg, E, K, queries, repeats):
+    """1 adapter vs K adapters at once: a training step, a dev check, evaluating every adapter."""
+    model, device = E["model"], E["model"].device
+    runs = ia2.draw_runs(cfg, E)  # every run's split and the teacher (T=1) on its training and dev examples
+    items = [it for run in runs for it in run["train"] + run["dev"]]
+    rows = [("teacher forward, all runs' training and dev examples",
+             timed(lambda: ia2.teacher(model, items, 1, E["tok"].eos_token_id), repeats, device))]
+    bs = min(cfg.batch_size, cfg.n_train)
+    for k in (1, K):
+        jobs = [ia2.Job(cfg.lr[0], runs[j % len(runs)]["r"], runs[j % len(runs)]["train"], runs[j % len(runs)]["dev"],
+                        rng=np.random.RandomState(j)) for j in range(k)]
+        ia2.add_lora(model, K=k)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = ia2.Adam(params, [cfg.lr[0]] * k)
+        for objective in ("sft", "ia2"):
+            def step():
+                ia2.backward(model, objective, [(j, jobs[j], ia2.next_batch(jobs[j], bs)) for j in range(k)])
+                opt.step(list(range(k)))
+            rows.append((f"{objective} step, {k} adapter(s) x {bs} examples", timed(step, repeats, device)))
+            rows.append((f"{objective} dev check, {k} adapter(s) x {len(jobs[0].dev)} examples",
+                         timed(lambda: ia2.dev_losses(model, objective, list(enumerate(jobs))), repeats, device)))
+        slots = [j for j in range(k) for _ in queries]
+        rows.append((f"evaluate {k} adapter(s) x {len(queries)} queries",
+                     timed(lambda: ia2.predict(model, queries * k, E["label_ids"], slots), max(1, repeats // 5),
+                           device)))
+    return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--n-train", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--rollout", action="store_true", help="time the teacher rollout instead of training steps")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--n-train", type=int, default=4)
+    p.add_argument("--jobs", type=int, default=15, help="adapters trained together (3 lrs x 5 runs by default)")
+    p.add_argument("--queries", type=int, default=200, help="eval queries per adapter")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rollout", action="store_true", help="time the teacher rollout instead")
     p.add_argument("--demos", type=int, default=3, help="--rollout: demos per ICL prompt (N-1; paper N=4)")
     p.add_argument("--prompts", type=int, default=2, help="--rollout: prompts timed")
     a = p.parse_args()
-    cfg = ia2.Config(model=a.model, data=a.data, n_train=a.n_train, eval_size=200, device="cpu")
-    device, dtype = ia2.pick_device(cfg.device)
-    tok, model = ia2.load_model(cfg.model, device, dtype)
-    labels = ["0", "1"]
-    pool, _ = ia2.load_task(cfg, "sst2", labels, cfg.data)
+    cfg = ia2.Config(model=a.model, data=(a.data,), n_train=a.n_train, runs=5, eval_size=a.queries, device=a.device)
+    E = ia2.setup(cfg)
     if a.rollout:
-        return rollout_speed(model, tok, pool, labels, a.demos, a.prompts)
-    train_rows, dev_rows, _ = ia2.few_shot_split(pool, cfg.n_train, 0)
-    tr, _ = ia2.training_items(tok, labels, train_rows, dev_rows, 0)
-    ia2.add_lora(model)
-    t_teacher = timed(lambda: ia2.teacher(model, tr, 1, tok.eos_token_id, bs=4), 1)
-    batch = tr[:min(4, cfg.n_train)]
-    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-
-    def step(objective, examples_per_forward):
-        opt.zero_grad()
-        for i in range(0, len(batch), examples_per_forward):
-            part = batch[i:i + examples_per_forward]
-            (ia2.objective_loss(model, objective, part, 0.5) * len(part) / len(batch)).backward()
-        opt.step()
-
-    rows = [("teacher, all N training queries (once per run)", t_teacher)]
-    for objective in ("sft", "ia2", "ia2_plus_sft"):
-        rows.append((f"{objective} step, padded batch of {len(batch)}", timed(lambda: step(objective, len(batch)), a.repeats)))
-        rows.append((f"{objective} step, {len(batch)} x one example (official)", timed(lambda: step(objective, 1), a.repeats)))
-    print(f"\n{a.model}, N={cfg.n_train}, {torch.get_num_threads()} CPU threads, fp32, mean of {a.repeats}\n")
+        return rollout_speed(E["model"], E["tok"], E["pool"], E["labels"], a.demos, a.prompts)
+    rows = grid_speed(cfg, E, a.jobs, E["queries"], a.repeats)
+    name = torch.cuda.get_device_name() if E["model"].device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{a.model}, {name}, {E['model'].dtype}, N={cfg.n_train}, mean of {a.repeats}\n")
     print("| what | ms |\n|---|---|")
-    for name, t in rows:
-        print(f"| {name} | {1000 * t:.0f} |")
+    for what, t in rows:
+        print(f"| {what} | {1000 * t:.0f} |")
 
 
 if __name__ == "__main__":

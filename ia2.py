@@ -118,7 +118,9 @@ class Config:
     max_new_tokens: int = arg(None, "multi-token tasks: teacher rollout length T and generation limit (paper: 200; "
                               "400 for hmath_algebra's evaluation); single-token tasks always use T=1", AT_LEAST(1))
     seed: int = arg(0, "run r uses seed seed+r for its split, demo order, LoRA init and shuffles (paper: r)")
-    device: str = arg("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu; bf16 base on cuda, fp32 elsewhere")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu; bf16 base on cuda, fp32 elsewhere. "
+                      "Rows per forward pass: on cuda as many as half the free GPU memory holds (estimated per "
+                      "token from the model's config), 2048 tokens (rows x length) elsewhere")
     out: str = arg(None, "output folder; unset: runs/<task>-<model>-n<N>-<time>")
     list_tasks: bool = arg(False, "print the task table and exit")
 
@@ -424,33 +426,41 @@ def icl_eval_prompts(tok, labels, demos_pool, eval_set, k, seed):
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float):
-        super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / r, True
-        self.A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))   # fp32
-        self.B = nn.Parameter(torch.empty(base.out_features, r, device=base.weight.device))  # fp32
-        self.reset()
+    """A frozen nn.Linear plus K adapters side by side, A (K, r, d_in) and B (K, d_out, r): batch row i
+    is served by adapter `rows[i]` (set by `adapters(model, rows)`); unset, adapter 0 serves every row.
+    K > 1 lets many adapters (lrs x runs) train and evaluate in one forward pass."""
 
-    def reset(self):
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # PEFT's default, used by the official code
-        nn.init.zeros_(self.B)  # B = 0, so ΔW = BA = 0 and the model starts as the base model
+    def __init__(self, base: nn.Linear, r: int, alpha: float, K: int = 1):
+        super().__init__()
+        self.base, self.scale, self.enabled, self.rows = base, alpha / r, True, None
+        self.A = nn.Parameter(torch.empty(K, r, base.in_features, device=base.weight.device))   # fp32
+        self.B = nn.Parameter(torch.empty(K, base.out_features, r, device=base.weight.device))  # fp32
+        for k in range(K):
+            self.reset(k)
+
+    def reset(self, k: int = 0):
+        nn.init.kaiming_uniform_(self.A[k], a=math.sqrt(5))  # PEFT's default, used by the official code
+        nn.init.zeros_(self.B[k])  # B = 0, so ΔW = BA = 0 and the model starts as the base model
 
     def forward(self, x):
         y = self.base(x)
         if not self.enabled:
             return y
-        return y + (self.scale * (x.float() @ self.A.T @ self.B.T)).to(y.dtype)
+        A, B = (self.A[0], self.B[0]) if self.rows is None else (self.A[self.rows], self.B[self.rows])
+        return y + (self.scale * (x.float() @ A.mT @ B.mT)).to(y.dtype)  # + (α/r)·B A x, row by row
 
 
-def add_lora(model, targets=("q_proj", "k_proj", "o_proj"), r=8, alpha=8):
-    """Freeze the model and wrap every targeted nn.Linear in a LoRALinear."""
+def add_lora(model, targets=("q_proj", "k_proj", "o_proj"), r=8, alpha=8, K=1):
+    """Freeze the model and wrap every targeted nn.Linear in a LoRALinear with K fresh adapters
+    (a module that is already wrapped gets new ones)."""
     model.requires_grad_(False)
     for module in list(model.modules()):
         for t in targets:
-            if isinstance(getattr(module, t, None), nn.Linear):
-                setattr(module, t, LoRALinear(getattr(module, t), r, alpha))
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"LoRA r={r} α={alpha} on {','.join(targets)}: {n:,} trainable parameters")
+            old = getattr(module, t, None)
+            if isinstance(old, (nn.Linear, LoRALinear)):
+                setattr(module, t, LoRALinear(old.base if isinstance(old, LoRALinear) else old, r, alpha, K))
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad) // K
+    print(f"LoRA r={r} α={alpha} on {','.join(targets)}: {n:,} trainable parameters" + (f" x {K} adapters" * (K > 1)))
     return model
 
 
@@ -458,15 +468,29 @@ def lora_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def lora_state(model) -> dict:
-    """A detached copy of the adapter: {module name: (A, B)}."""
-    return {n: (m.A.detach().clone(), m.B.detach().clone()) for n, m in lora_modules(model).items()}
+def lora_state(model, k: int = 0) -> dict:
+    """A detached copy of adapter k: {module name: (A, B)}."""
+    return {n: (m.A[k].detach().clone(), m.B[k].detach().clone()) for n, m in lora_modules(model).items()}
 
 
-def load_lora_state(model, state: dict):
+def load_lora_state(model, state: dict, k: int = 0):
     with torch.no_grad():
         for n, m in lora_modules(model).items():
-            m.A.copy_(state[n][0]), m.B.copy_(state[n][1])
+            m.A[k].copy_(state[n][0]), m.B[k].copy_(state[n][1])
+
+
+@contextlib.contextmanager
+def adapters(model, rows):
+    """Inside the block, batch row i runs through adapter rows[i] (a list of ints; None: adapter 0)."""
+    mods = lora_modules(model).values()
+    ids = None if rows is None else torch.as_tensor(rows, device=model.device)
+    for m in mods:
+        m.rows = ids
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.rows = None
 
 
 @contextlib.contextmanager
@@ -482,14 +506,14 @@ def lora_disabled(model):
             m.enabled = True
 
 
-def save_adapter(model, folder: str, cfg: Config):
-    """PEFT layout, so that peft.PeftModel.from_pretrained(base_model, folder) loads it."""
+def save_adapter(model, folder: str, cfg: Config, k: int = 0):
+    """Adapter k in PEFT's layout, so that peft.PeftModel.from_pretrained(base_model, folder) loads it."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     tensors = {}
-    for n, m in lora_modules(model).items():
-        tensors[f"base_model.model.{n}.lora_A.weight"] = m.A.detach().cpu().contiguous()
-        tensors[f"base_model.model.{n}.lora_B.weight"] = m.B.detach().cpu().contiguous()
+    for n, (A, B) in lora_state(model, k).items():
+        tensors[f"base_model.model.{n}.lora_A.weight"] = A.cpu().contiguous()
+        tensors[f"base_model.model.{n}.lora_B.weight"] = B.cpu().contiguous()
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
     conf = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=cfg.model, r=cfg.rank,
                 lora_alpha=cfg.rank, lora_dropout=0.0, bias="none", fan_in_fan_out=False,
@@ -498,15 +522,15 @@ def save_adapter(model, folder: str, cfg: Config):
         json.dump(conf, f, indent=2)
 
 
-def load_adapter(model, folder: str):
-    """The inverse of save_adapter: copy a saved adapter into the model's LoRALinear modules."""
+def load_adapter(model, folder: str, k: int = 0):
+    """The inverse of save_adapter: copy a saved adapter into adapter k of the model's LoRALinear modules."""
     from safetensors.torch import load_file
     path = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise IA2Error(f"no adapter at {path}")
     t = load_file(path)
     load_lora_state(model, {n: (t[f"base_model.model.{n}.lora_A.weight"], t[f"base_model.model.{n}.lora_B.weight"])
-                            for n in lora_modules(model)})
+                            for n in lora_modules(model)}, k)
 
 
 # -----------------------------------------------------------------------------
@@ -551,21 +575,49 @@ def lm_logits(model, h: torch.Tensor) -> torch.Tensor:
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
-def forward(model, prompts: list, targets=None, capture=False, logits=True):
-    """Teacher-forced forward over a right-padded batch of X∘target. Position d+t, with d = len(X)-1
-    the last prompt token, predicts target[t] for t = 0..T-1 (T: the longest target; without
-    targets T=1 and only X is read). The last target token is never read, so it is not fed.
-    Returns fp32 logits (B, T, V), or None, and with capture the self-attention outputs (B, L, T, D)."""
+def forward(model, prompts: list, targets=None, capture=False, logits=True, slots=None):
+    """Teacher-forced forward over a right-padded batch of X∘target, row i through adapter slots[i].
+    Position d+t, with d = len(X)-1 the last prompt token, predicts target[t] for t = 0..T-1 (T: the
+    longest target; without targets T=1 and only X is read). The last target token is never read, so
+    it is not fed. Returns fp32 logits (B, T, V), or None, and with capture the self-attention outputs
+    (B, L, T, D)."""
     T = max(map(len, targets)) if targets else 1
     seqs = [x + list(y[:-1]) for x, y in zip(prompts, targets)] if targets else prompts
     ids, mask = pad_right(seqs, model.config.pad_token_id or 0, model.device)
     d = torch.tensor([len(x) - 1 for x in prompts])
     at = (d[:, None] + torch.arange(T)).clamp(max=ids.shape[1] - 1).to(model.device)  # (B, T): d+t
     rows = torch.arange(len(seqs), device=model.device)[:, None]
-    with capture_activations(model) if capture else contextlib.nullcontext() as acts:
+    with adapters(model, slots), capture_activations(model) if capture else contextlib.nullcontext() as acts:
         h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     return (lm_logits(model, h[rows, at]) if logits else None,
             torch.stack([a[rows, at] for a in acts], 1) if capture else None)
+
+
+def token_budget(model, grad: bool) -> int:
+    """Tokens (rows x padded length) per forward pass. On a GPU, as many as half its free memory holds,
+    at a cost per token estimated from the config: with gradients, every layer's saved activations and
+    fp32 logits (and their gradient) over the vocabulary; without, the KV cache of a rollout and one
+    layer's MLP. On a CPU 2048, where larger batches are no faster."""
+    if model.device.type != "cuda":
+        return 2048
+    c = model.config
+    if grad:
+        per_token = 2 * c.num_hidden_layers * (10 * c.hidden_size + 4 * c.intermediate_size) + 12 * c.vocab_size
+    else:
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        per_token = 4 * c.num_hidden_layers * c.num_key_value_heads * head_dim + 8 * c.intermediate_size
+    return max(512, int(torch.cuda.mem_get_info(model.device)[0] / 2 / per_token))
+
+
+def spans(lengths: list, budget: int) -> list:
+    """Consecutive slices of rows, each as many rows as fit `budget` tokens when padded to its longest."""
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest = max(longest, n)
+        if i > start and (i + 1 - start) * longest > budget:
+            out.append(slice(start, i))
+            start, longest = i, n
+    return out + [slice(start, len(lengths))] if lengths else []
 
 
 # -----------------------------------------------------------------------------
@@ -573,14 +625,15 @@ def forward(model, prompts: list, targets=None, capture=False, logits=True):
 
 
 @torch.no_grad()
-def generate(model, prompts: list, max_new: int, eos_id: int, stop=None, capture=False, scores=False):
-    """Greedy decoding of a batch with a KV cache; the teacher rollout (§3) and the evaluation (§5).
-    Left padding puts every prompt's last token in the last column, and position_ids = cumsum(mask)-1
-    give each row the positions it has alone (tested against batch size 1). Each step feeds one token
-    per row. A row ends after emitting EOS (kept, with its activations, as in the official rollout)
-    or once stop(tokens) is true. Returns per row: tokens (T',), acts (L, T', D) in the base dtype and
-    logp (T', V) fp32 (the step's log-probabilities), both on the CPU. The official rollout re-runs
-    the whole sequence each step; a test checks that tokens and activations are the same."""
+def generate(model, prompts: list, max_new: int, eos_id: int, stop=None, capture=False, scores=False, slots=None):
+    """Greedy decoding of a batch with a KV cache, row i through adapter slots[i]; the teacher rollout
+    (§3) and the evaluation (§5). Left padding puts every prompt's last token in the last column, and
+    position_ids = cumsum(mask)-1 give each row the positions it has alone (tested against batch size
+    1). Each step feeds one token per row. A row ends after emitting EOS (kept, with its activations,
+    as in the official rollout) or once stop(tokens) is true. Returns per row: tokens (T',), acts
+    (L, T', D) in the base dtype, on the device, and logp (T', V) fp32 (the step's log-probabilities),
+    on the CPU. The official rollout re-runs the whole sequence each step; a test checks that tokens
+    and activations are the same."""
     B, R, dev = len(prompts), max(map(len, prompts)), model.device
     ids = torch.full((B, R), model.config.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros((B, R), dtype=torch.long)
@@ -590,12 +643,12 @@ def generate(model, prompts: list, max_new: int, eos_id: int, stop=None, capture
     pos, cache = (mask.cumsum(1) - 1).clamp(min=0), None
     tokens, done, acts_t, logp_t = [[] for _ in range(B)], [False] * B, [], []
     for _ in range(max_new):
-        with capture_activations(model) if capture else contextlib.nullcontext() as acts:
+        with adapters(model, slots), capture_activations(model) if capture else contextlib.nullcontext() as acts:
             out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                               use_cache=True)
         cache, logits = out.past_key_values, lm_logits(model, out.last_hidden_state[:, -1])  # (B, V)
         if capture:
-            acts_t.append(torch.stack([a[:, -1] for a in acts], 1).cpu())  # (B, L, D) at this step's position
+            acts_t.append(torch.stack([a[:, -1] for a in acts], 1))  # (B, L, D) at this step's position
         if scores:
             logp_t.append(logits.log_softmax(-1).cpu())
         nxt = logits.argmax(-1)
@@ -611,14 +664,14 @@ def generate(model, prompts: list, max_new: int, eos_id: int, stop=None, capture
             for i, tk in enumerate(tokens)]
 
 
-def teacher(model, items: list, T: int, eos_id: int, scores=False, bs: int = 4):
+def teacher(model, items: list, T: int, eos_id: int, scores=False):
     """Adds to each item Ŷ (y_icl, T' <= T tokens), A_ICL (L, T', D) at d_icl+t, and for kd the
     teacher's log-probabilities (T', V): one greedy rollout of the base model on I∘X, with no "\n\n"
-    stop (official code). Single-token tasks: T=1, one forward. Activations stay in the base dtype
-    on the CPU: (L·T'·D) numbers per example (README, Memory)."""
+    stop (official code). Single-token tasks: T=1, one forward. Activations stay on the device in the
+    base dtype, (L·T'·D) numbers per example; the log-probabilities go to the CPU (README, Memory)."""
     with lora_disabled(model):
-        for i in range(0, len(items), bs):
-            batch = items[i:i + bs]
+        for part in spans([len(it["icl"]) + T for it in items], token_budget(model, grad=False)):
+            batch = items[part]
             for it, o in zip(batch, generate(model, [it["icl"] for it in batch], T, eos_id, capture=True,
                                              scores=scores)):
                 it.update(y_icl=o["tokens"], A_icl=o["acts"], logp_icl=o["logp"])
@@ -626,31 +679,32 @@ def teacher(model, items: list, T: int, eos_id: int, scores=False, bs: int = 4):
 
 
 # -----------------------------------------------------------------------------
-# 5. The losses (Eq. 2, Eq. 4, §6, Table 4), each averaged within an example, then over the batch
+# 5. The losses (Eq. 2, Eq. 4, §6, Table 4), one per example, each averaged over its own positions
 
 
 def ia2_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, L, T, D) student and teacher activations at the aligned positions, mask (B, T) the real ones.
     L_IA2 = L · mean((S - A_ICL)²) over (L, T', D): the per-layer MSE summed over layers (official
-    code; Eq. 4 writes a norm)."""
+    code; Eq. 4 writes a norm). Returns (B,)."""
     se = (student.float() - teacher.float()).pow(2).mean(-1) * mask[:, None]  # (B, L, T)
     per_layer_mse = se.sum(-1) / mask.sum(-1, keepdim=True)  # (B, L)
-    return per_layer_mse.sum(1).mean()
+    return per_layer_mse.sum(1)
 
 
 def sft_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Teacher-forced cross-entropy (official code; Eq. 2 generates) of the target tokens (B, T),
-    -100 where there is none, averaged over each example's tokens."""
+    -100 where there is none, averaged over each example's tokens. Returns (B,)."""
     ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
-    return (ce.sum(1) / (target != -100).sum(1)).mean()
+    return ce.sum(1) / (target != -100).sum(1)
 
 
 def kd_loss(logits: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Soft labels (Table 4 "SFT (soft labels)"): KL(p_ICL,t ‖ p_student,t) summed over the whole
-    vocabulary at each aligned position, averaged over positions. (B, T, V) logits and log-probs."""
+    vocabulary at each aligned position, averaged over positions. (B, T, V) logits and log-probs;
+    returns (B,)."""
     logq = logits.float().log_softmax(-1)
     kl = (teacher_logp.exp() * (teacher_logp - logq)).sum(-1)  # Σ_v p log(p/q), (B, T)
-    return ((kl * mask).sum(1) / mask.sum(1)).mean()
+    return (kl * mask).sum(1) / mask.sum(1)
 
 
 def padded(xs: list, T: int) -> torch.Tensor:
@@ -658,13 +712,20 @@ def padded(xs: list, T: int) -> torch.Tensor:
     return torch.stack([F.pad(x, (0, 0, 0, T - x.shape[-2])) for x in xs])
 
 
-def objective_loss(model, objective: str, batch: list, beta: float):
-    """The student reads X∘target and is read at d_q+t. Objectives: sft (target: ground truth Y),
-    sft_icl (Ŷ), ia2, ia2_plus_sft = (1-β)·L_IA2 + β·L_SFT(Ŷ) in one forward (official code's
-    convex form), kd (Ŷ's positions, the teacher's distributions)."""
-    targets = [it["y_ids"] if objective == "sft" else it["y_icl"] for it in batch]
+def target_of(objective: str, item: dict) -> list:
+    """What the student reads after X: the ground truth Y for sft, the teacher's answer Ŷ otherwise."""
+    return item["y_ids"] if objective == "sft" else item["y_icl"]
+
+
+def objective_loss(model, objective: str, batch: list, beta=0.5, slots=None) -> torch.Tensor:
+    """Each example's loss (B,); example i runs through adapter slots[i]. The student reads X∘target
+    and is read at d_q+t. Objectives: sft (target: ground truth Y), sft_icl (Ŷ), ia2, ia2_plus_sft =
+    (1-β)·L_IA2 + β·L_SFT(Ŷ) in one forward (official code's convex form; β a number or one per
+    example), kd (Ŷ's positions, the teacher's distributions)."""
+    targets = [target_of(objective, it) for it in batch]
     needs_acts = objective in ("ia2", "ia2_plus_sft")
-    logits, acts = forward(model, [it["x"] for it in batch], targets, capture=needs_acts, logits=objective != "ia2")
+    logits, acts = forward(model, [it["x"] for it in batch], targets, capture=needs_acts,
+                           logits=objective != "ia2", slots=slots)
     T, dev = max(map(len, targets)), model.device
     target = torch.tensor([y + [-100] * (T - len(y)) for y in targets], device=dev)
     if objective in ("sft", "sft_icl"):
@@ -674,56 +735,153 @@ def objective_loss(model, objective: str, batch: list, beta: float):
     l_ia2 = ia2_loss(acts, padded([it["A_icl"] for it in batch], T).to(dev), target != -100)
     if objective == "ia2":
         return l_ia2
+    beta = torch.as_tensor(beta, device=dev)
     return (1 - beta) * l_ia2 + beta * sft_loss(logits, target)
 
 
 # -----------------------------------------------------------------------------
-# 6. Training: Adam, constant lr, early stopping on the dev loss (§5, App. B)
+# 6. Training: Adam, constant lr, early stopping on the dev loss (§5, App. B), many adapters at once
+
+
+@dataclass
+class Job:
+    """One adapter to train: run `run`'s training and dev items, its lr (and β for ia2_plus_sft), and
+    where it starts: a fresh LoRA init (set_seed(seed + run)) or a given state (IA2→SFT's second phase
+    starts from its IA2 job's result). Training fills in the rest."""
+    lr: float
+    run: int
+    train: list
+    dev: list
+    beta: float = None
+    start: dict = None
+    best: float = math.inf  # the best dev loss so far (its adapter is restored at the end)
+    bad: int = 0  # dev checks since the last new best
+    steps: int = 0
+    epoch: int = -1
+    order: list = field(default_factory=list)  # what is left of this epoch's shuffled example indices
+    rng: np.random.RandomState = None  # the epoch order: RandomState(seed + run), as when trained alone
+    done: bool = False
+
+
+class Adam:
+    """torch.optim.Adam (no weight decay, constant lr) for K adapters stacked along dim 0 of each
+    parameter: slot k has its own lr and step count, and only the slots in `live` move."""
+
+    def __init__(self, params: list, lrs: list, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.betas, self.eps = params, betas, eps
+        self.lr = torch.tensor(lrs, dtype=torch.float64, device=params[0].device)  # float64: 1 - 0.999^t cancels
+        self.t = torch.zeros(len(lrs), dtype=torch.float64, device=params[0].device)
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, live: list):
+        (b1, b2), on = self.betas, torch.zeros_like(self.t)
+        on[live] = 1
+        self.t += on
+        t = self.t.clamp(min=1)
+        step_size, bc2_sqrt = (on * self.lr / (1 - b1 ** t)).float(), (1 - b2 ** t).sqrt().float()  # 0: stays
+        for p, m, v in zip(self.params, self.m, self.v):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            m.lerp_(p.grad, 1 - b1)  # m = β1·m + (1-β1)·g
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)  # v = β2·v + (1-β2)·g²
+            p -= step_size.view(shape) * (m / (v.sqrt() / bc2_sqrt.view(shape) + self.eps))
+            p.grad = None
+
+
+def train(model, objective: str, jobs: list, cfg: Config, tag) -> list:
+    """Trains every job's adapter at once, job k in slot k of each LoRALinear. Each optimizer step takes
+    the next right-padded batch of min(4, N) examples of every job still training, runs them through
+    one forward and backward (the per-job mean losses summed, so each job's gradient is its own), and
+    steps each adapter with its own lr (Adam, no weight decay, no schedule). Per job: the dev loss every
+    2 steps and at each epoch end; stop after `patience` checks without a new best, or after --epochs,
+    and restore the best adapter (the official code does not, see README). A job's init, example order,
+    steps and dev losses are those of training it alone (tested). tag(job) names a job in the log."""
+    add_lora(model, r=cfg.rank, alpha=cfg.rank, K=len(jobs))
+    for k, job in enumerate(jobs):
+        set_seed(cfg.seed + job.run)  # the same init for every method of a run
+        for mod in lora_modules(model).values():
+            mod.reset(k)
+        if job.start:
+            load_lora_state(model, job.start, k)
+        job.rng = np.random.RandomState(cfg.seed + job.run)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, best = Adam(params, [job.lr for job in jobs]), [p.detach().clone() for p in params]  # best: per slot
+    bs = min(cfg.batch_size, cfg.n_train)
+    while not all(job.done for job in jobs):
+        live = [k for k, job in enumerate(jobs) if not job.done]
+        losses = backward(model, objective, [(k, jobs[k], next_batch(jobs[k], bs)) for k in live])
+        for k, loss in zip(live, losses):
+            if not math.isfinite(loss):
+                raise IA2Error(f"{tag(jobs[k])}: the training loss became {loss} at step {jobs[k].steps}; "
+                               "try a lower --lr")
+        opt.step(live)
+        check = [k for k in live if jobs[k].steps % 2 == 0 or not jobs[k].order]  # every 2 steps, epoch ends
+        for k, dev in zip(check, dev_losses(model, objective, [(k, jobs[k]) for k in check])):
+            if update(jobs[k], dev, losses[live.index(k)], cfg, tag):  # a new best: keep this adapter
+                with torch.no_grad():
+                    for b, p in zip(best, params):
+                        b[k] = p[k]
+    with torch.no_grad():
+        for p, b in zip(params, best):
+            p.copy_(b)
+    return jobs
+
+
+def next_batch(job: Job, bs: int) -> list:
+    """The job's next min(4, N) training examples; each epoch reshuffles them with the job's own rng."""
+    if not job.order:
+        job.order, job.epoch = list(job.rng.permutation(len(job.train))), job.epoch + 1
+    batch, job.order = job.order[:bs], job.order[bs:]
+    job.steps += 1
+    return [job.train[i] for i in batch]
+
+
+def backward(model, objective: str, batches: list) -> list:
+    """One forward and backward over the batches of several jobs, (slot, job, examples); returns each
+    job's loss, the mean over its examples."""
+    weight = {k: 1 / len(b) for k, _, b in batches}
+    total = collections.defaultdict(float)
+    for ks, betas, items in pieces(model, objective, [(k, job.beta, it) for k, job, b in batches for it in b], True):
+        weighted = objective_loss(model, objective, items, betas, ks) * torch.tensor([weight[k] for k in ks],
+                                                                                    device=model.device)
+        weighted.sum().backward()  # Σ over jobs of each job's mean loss: job k's gradient is its own
+        for k, x in zip(ks, weighted.tolist()):
+            total[k] += x
+    return [total[k] for k, _, _ in batches]
 
 
 @torch.no_grad()
-def dev_loss(model, objective, dev, cfg):
-    bs = min(cfg.batch_size, cfg.n_train)
-    batches = [dev[i:i + bs] for i in range(0, len(dev), bs)]
-    return sum(objective_loss(model, objective, b, cfg.beta).item() * len(b) for b in batches) / len(dev)
+def dev_losses(model, objective: str, jobs: list) -> list:
+    """The mean dev loss of each (slot, job), all dev sets in shared batches."""
+    total = collections.defaultdict(float)
+    for ks, betas, items in pieces(model, objective, [(k, job.beta, it) for k, job in jobs for it in job.dev], False):
+        for k, x in zip(ks, objective_loss(model, objective, items, betas, ks).tolist()):
+            total[k] += x
+    return [total[k] / len(job.dev) for k, job in jobs]
 
 
-def train(model, objective: str, train_set: list, dev: list, cfg: Config, lr: float, seed: int, tag: str):
-    """Adam (no weight decay, no schedule) on the LoRA parameters; one right-padded batch of
-    min(4, N) examples per step; dev loss every 2 steps and at each epoch end; stop after
-    `patience` checks without a new best, and restore the best adapter (the official code
-    does not, see README). Returns the best dev loss and the steps taken."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)  # a fresh optimizer per phase, also for IA2 -> SFT
-    rng, bs = np.random.RandomState(seed), min(cfg.batch_size, cfg.n_train)
-    best, best_state, bad, step = math.inf, lora_state(model), 0, 0
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(len(train_set))
-        for i in range(0, len(order), bs):
-            loss = objective_loss(model, objective, [train_set[j] for j in order[i:i + bs]], cfg.beta)
-            if not torch.isfinite(loss):
-                raise IA2Error(f"{tag}: the training loss became {loss.item()} at step {step}; try a lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % 2 and i + bs < len(order):
-                continue  # check every 2 steps, and at each epoch's end
-            d = dev_loss(model, objective, dev, cfg)
-            if d < best:
-                best, best_state, bad = d, lora_state(model), 0
-            else:
-                bad += 1
-            print(f"[{tag}] ep {epoch} step {step} | loss {loss.item():.4f} | dev {d:.4f}{' *' if bad == 0 else ''}")
-            if bad >= cfg.patience:
-                break
-        if bad >= cfg.patience:
-            break
-    if bad < cfg.patience:
-        print(f"[{tag}] note: stopped by the --epochs {cfg.epochs} cap, not by early stopping" +
-              (" (the dev loss was still falling)" if bad == 0 else ""))
-    load_lora_state(model, best_state)
-    return best, step
+def pieces(model, objective: str, rows: list, grad: bool):
+    """(slot, β, example) rows, sorted by length so that little padding is computed, in pieces within
+    the device's token budget; yields (slots, βs, examples) per piece."""
+    rows = sorted(rows, key=lambda row: len(row[2]["x"]) + len(target_of(objective, row[2])))
+    for part in spans([len(it["x"]) + len(target_of(objective, it)) for *_, it in rows], token_budget(model, grad)):
+        yield tuple(zip(*rows[part]))
+
+
+def update(job: Job, dev: float, loss: float, cfg: Config, tag) -> bool:
+    """After a dev check: count checks without a new best, stop at `patience` or after --epochs.
+    Returns whether this is a new best."""
+    new_best = dev < job.best
+    job.best, job.bad = (dev, 0) if new_best else (job.best, job.bad + 1)
+    print(f"[{tag(job)}] ep {job.epoch} step {job.steps} | loss {loss:.4f} | dev {dev:.4f}{' *' * new_best}")
+    if job.bad >= cfg.patience:
+        job.done = True
+    elif job.epoch == cfg.epochs - 1 and not job.order:
+        job.done = True
+        print(f"[{tag(job)}] note: stopped by the --epochs {cfg.epochs} cap, not by early stopping" +
+              (" (the dev loss was still falling)" if new_best else ""))
+    return new_best
 
 
 # -----------------------------------------------------------------------------
@@ -732,18 +890,20 @@ def train(model, objective: str, train_set: list, dev: list, cfg: Config, lr: fl
 
 
 @torch.no_grad()
-def predict(model, seqs: list, label_ids: list, bs: int = 32):
-    """Per example: the top-10 token ids and probabilities, and the probability of each label's token.
-    Prompts are sorted by length so that batches carry little padding."""
-    top_p, top_id, label_p = [None] * len(seqs), [None] * len(seqs), [None] * len(seqs)
+def predict(model, seqs: list, label_ids: list, slots=None):
+    """Per prompt (prompt i through adapter slots[i]): the top-10 token ids and probabilities, and the
+    probability of each label's token. Prompts are sorted by length so that batches carry little
+    padding; a batch is as many as fit the device's token budget, and moves to the host once."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for k in tqdm(range(0, len(order), bs), desc="eval", leave=False, disable=None):  # bar on a terminal only
-        idx = order[k:k + bs]
-        probs = forward(model, [seqs[i] for i in idx])[0][:, 0].softmax(-1)
+    parts = []
+    for part in tqdm(spans([len(seqs[i]) for i in order], token_budget(model, grad=False)), desc="eval",
+                     leave=False, disable=None):  # a progress bar on a terminal only
+        idx = order[part]
+        probs = forward(model, [seqs[i] for i in idx], slots=slots and [slots[i] for i in idx])[0][:, 0].softmax(-1)
         p, ids = probs.topk(10, dim=-1)
-        for j, i in enumerate(idx):
-            top_p[i], top_id[i], label_p[i] = p[j].cpu(), ids[j].cpu(), probs[j, label_ids].cpu()
-    return torch.stack(top_p).numpy(), torch.stack(top_id).numpy(), torch.stack(label_p).numpy()
+        parts.append(torch.cat([p, ids.float(), probs[:, label_ids]], 1).cpu())
+    out = torch.cat(parts)[np.argsort(order)].numpy()  # back in the order of seqs
+    return out[:, :10], out[:, 10:20].astype(int), out[:, 20:]
 
 
 def equal_mass_bins(conf: np.ndarray, n_bins: int = 15) -> list:
@@ -844,21 +1004,23 @@ def answer_of(tok, ids: list) -> str:
     return tok.decode(ids, skip_special_tokens=True).split("\n\n")[0]
 
 
-def generate_texts(model, tok, seqs: list, max_new: int, bs: int = 16) -> list:
-    """Greedy continuations, stopped at EOS or at the first "\n\n" and cut there. Prompts are
-    sorted by length so that batches carry little padding."""
+def generate_texts(model, tok, seqs: list, max_new: int, slots=None) -> list:
+    """Greedy continuations (prompt i through adapter slots[i]), stopped at EOS or at the first "\n\n"
+    and cut there. Prompts are sorted by length so that batches carry little padding; a batch is as
+    many as fit the device's token budget."""
     stop = lambda ids: "\n\n" in tok.decode(ids[-2:])  # "\n\n" may be one token or two
     texts, order = [None] * len(seqs), sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for k in tqdm(range(0, len(order), bs), desc="generate", leave=False, disable=None):
-        idx = order[k:k + bs]
-        for i, o in zip(idx, generate(model, [seqs[i] for i in idx], max_new, tok.eos_token_id, stop=stop)):
+    for part in tqdm(spans([len(seqs[i]) + max_new for i in order], token_budget(model, grad=False)),
+                     desc="generate", leave=False, disable=None):
+        idx = order[part]
+        for i, o in zip(idx, generate(model, [seqs[i] for i in idx], max_new, tok.eos_token_id, stop=stop,
+                                      slots=slots and [slots[i] for i in idx])):
             texts[i] = answer_of(tok, o["tokens"])
     return texts
 
 
-def generation_metrics(model, tok, ev: dict, seqs: list, max_new: int, show: int = 0, tag: str = "") -> dict:
+def generation_metrics(ev: dict, texts: list, show: int = 0, tag: str = "") -> dict:
     """Exact-match accuracy of the parsed answers; prints the first `show` generations."""
-    texts = generate_texts(model, tok, seqs, max_new)
     pred = [parse_answer(ev["name"], t) for t in texts]
     gold = [parse_answer(ev["name"], y) for _, y in ev["eval_set"]]
     for i in range(min(show, len(texts))):
@@ -897,9 +1059,9 @@ def load_tokenizer(name: str):
                        + ("" if os.path.isdir(name) else "; offline, pass a local copy: --model FOLDER"))
 
 
-def load_model(name: str, device, dtype):
+def load_model(name: str, device, dtype, tok=None):
     from transformers import AutoModelForCausalLM
-    tok = load_tokenizer(name)
+    tok = tok or load_tokenizer(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
     except (OSError, ValueError) as e:
@@ -961,7 +1123,7 @@ def setup(cfg: Config) -> dict:
     if multi and tok.eos_token_id is None:
         raise IA2Error(f"{cfg.model}'s tokenizer has no EOS token; multi-token targets end with one")
     label_ids = {n: label_tokens(tok, labels[n]) if labels[n] else None for n in tasks}
-    tok, model = load_model(cfg.model, device, dtype)
+    tok, model = load_model(cfg.model, device, dtype, tok)
     add_lora(model, r=cfg.rank, alpha=cfg.rank)
     views = {n: dict(name=n, task=TASKS[n], labels=labels[n], label_ids=label_ids[n], pool=data[n][0],
                      eval_set=data[n][1], queries=[encode(tok, x) for x, _ in data[n][1]],
@@ -993,100 +1155,110 @@ def check_hub(cfg: Config, tasks: list, files: dict):
                    "HF_DATASETS_OFFLINE=1 to use what your Hub cache already holds")
 
 
-def evaluate(cfg: Config, E: dict, ev: dict, seqs: list, show: int = 0, tag: str = "") -> dict:
-    """Prompts `seqs` of eval task `ev` through the model as it is (base or adapter)."""
+def evaluate(cfg: Config, E: dict, ev: dict, prompt_sets: list, slots=None, show: int = 0, tag: str = "") -> list:
+    """The metrics of each set of prompts for eval task `ev` (one prompt per eval example), set j run
+    through adapter slots[j] (None: the model as it is); all sets share batches."""
+    seqs, n = [p for ps in prompt_sets for p in ps], len(ev["gold"])
+    rows = None if slots is None else [k for k in slots for _ in range(n)]
     if ev["labels"]:
-        return metrics(predict(E["model"], seqs, ev["label_ids"]), ev["gold"], E["tok"], ev["labels"])
-    return generation_metrics(E["model"], E["tok"], ev, seqs, cfg.max_new_tokens or ev["task"]["gen"], show, tag)
+        pred = predict(E["model"], seqs, ev["label_ids"], rows)
+        return [metrics([x[j * n:(j + 1) * n] for x in pred], ev["gold"], E["tok"], ev["labels"])
+                for j in range(len(prompt_sets))]
+    texts = generate_texts(E["model"], E["tok"], seqs, cfg.max_new_tokens or ev["task"]["gen"], rows)
+    return [generation_metrics(ev, texts[j * n:(j + 1) * n], show * (j == 0), tag) for j in range(len(prompt_sets))]
 
 
-def one_run(cfg: Config, E: dict, r: int, records: dict, timing: dict, tmp: str):
-    """Run r: draw N examples, compute the teacher once, then train every method and evaluate it
-    on every eval task."""
-    model, tok, s, tick = E["model"], E["tok"], cfg.seed + r, time.time()
-    train_rows, dev_rows, rest = few_shot_split(E["pool"], cfg.n_train, s)
-    tr, dv = training_items(tok, E["labels"], train_rows, dev_rows, s)
+OBJECTIVE = dict(sft="sft", sft_icl="sft_icl", ia2="ia2", ia2_then_sft="sft", ia2_plus_sft="ia2_plus_sft", kd="kd")
+
+
+def draw_runs(cfg: Config, E: dict) -> list:
+    """Run r: N training examples, min(48, N//2) dev examples and the held-out demo pool, drawn with
+    RandomState(seed + r); then the teacher once for every run's training and dev examples."""
+    runs = []
+    for r in range(cfg.runs):
+        train_rows, dev_rows, rest = few_shot_split(E["pool"], cfg.n_train, cfg.seed + r)
+        tr, dv = training_items(E["tok"], E["labels"], train_rows, dev_rows, cfg.seed + r)
+        runs.append(dict(r=r, train=tr, dev=dv, rest=rest))
     if set(cfg.methods) & {"sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft", "kd"}:
         T = 1 if E["labels"] else cfg.max_new_tokens or 200  # §3: T=1 single-token, G=200 multi-token
-        teacher(model, tr + dv, T, tok.eos_token_id, scores="kd" in cfg.methods, bs=cfg.batch_size)
-        timing["teacher"] += time.time() - tick
-        if E["labels"]:
-            ok = sum(it["y_icl"][0] == it["y_ids"][0] for it in tr)
-        else:
-            ok = sum(parse_answer(E["name"], answer_of(tok, it["y_icl"])) == parse_answer(E["name"], it["y"])
-                     for it in tr)
-        T_mean = float(np.mean([len(it["y_icl"]) for it in tr + dv]))
-        print(f"[run {r}] teacher: {T_mean:.0f} token{'s' * (T_mean != 1)} per rollout; "
-              f"ICL answers on the {len(tr)} training examples: {ok}/{len(tr)} correct")
-    for ev in E["evals"] if "icl" in cfg.methods else []:
-        tick = time.time()
-        prompts = icl_eval_prompts(tok, E["labels"], rest, ev["eval_set"], cfg.n_train - 1, s)
-        with lora_disabled(model):
-            rec = evaluate(cfg, E, ev, prompts, show=2 * (r == 0), tag=f"icl run {r} on {ev['name']}")
-        records[ev["name"]]["icl"].setdefault(None, []).append(dict(run=r, **rec))
-        timing[f"eval/{ev['name']}/icl"] += time.time() - tick
-    for lr in cfg.lr:
-        ia2_state = None
-        for m in [m for m in TRAINED if m in cfg.methods]:
-            tick, tag = time.time(), f"{m} lr={lr:g} run {r}"
-            set_seed(s)
-            for mod in lora_modules(model).values():
-                mod.reset()
-            if m == "ia2_then_sft":  # continue the IA2 adapter of the same (lr, run) with SFT
-                if ia2_state is None:
-                    train(model, "ia2", tr, dv, cfg, lr, s, tag + " (ia2 phase)")
-                else:
-                    load_lora_state(model, ia2_state)
-            best, steps = train(model, "sft" if m == "ia2_then_sft" else m, tr, dv, cfg, lr, s, tag)
-            if m == "ia2":
-                ia2_state = lora_state(model)
-            timing[f"train/{m}"] += time.time() - tick
-            for ev in E["evals"]:
-                tick = time.time()
-                rec = dict(run=r, **evaluate(cfg, E, ev, ev["queries"], show=2 * (r == 0 and lr == cfg.lr[0]),
-                                             tag=f"{tag} on {ev['name']}"), dev_loss=best, steps=steps)
-                records[ev["name"]][m].setdefault(lr, []).append(rec)
-                timing[f"eval/{ev['name']}/{m}"] += time.time() - tick
-                print(f"[{tag}] {ev['name']}: acc {rec['accuracy']:.1f}" +
-                      (f" | ece {rec['ece']:.3f}" if "ece" in rec else "") + f" | best dev {best:.4f} | {steps} steps")
-            save_adapter(model, os.path.join(tmp, "adapters", m, f"lr{lr:g}", f"run{r}"), cfg)
-            if r == 0 and lr == cfg.lr[0] and m == next(m for m in TRAINED if m in cfg.methods):
-                print(estimate(cfg, timing))
+        teacher(E["model"], [it for run in runs for it in run["train"] + run["dev"]], T, E["tok"].eos_token_id,
+                scores="kd" in cfg.methods)
+        for run in runs:
+            tr, right = run["train"], (lambda it: it["y_icl"][0] == it["y_ids"][0]) if E["labels"] else (
+                lambda it: parse_answer(E["name"], answer_of(E["tok"], it["y_icl"])) == parse_answer(E["name"], it["y"]))
+            T_mean = float(np.mean([len(it["y_icl"]) for it in tr + run["dev"]]))
+            print(f"[run {run['r']}] teacher: {T_mean:.0f} token{'s' * (T_mean != 1)} per rollout; "
+                  f"ICL answers on the {len(tr)} training examples: {sum(map(right, tr))}/{len(tr)} correct")
+    return runs
 
 
-def estimate(cfg: Config, timing: dict) -> str:
-    """After the first adapter: its cost times the adapters to come, plus the per-run costs (teacher, ICL)."""
-    trained = [m for m in TRAINED if m in cfg.methods]
-    adapter = sum(v for k, v in timing.items() if k.startswith(("train/", "eval/")) and not k.endswith(
-        ("/icl", "/zero_shot")))
-    per_run = timing["teacher"] + sum(v for k, v in timing.items() if k.endswith("/icl"))
-    left = adapter * (cfg.runs * len(cfg.lr) * len(trained) - 1) + per_run * (cfg.runs - 1)
-    return (f"estimate: the first adapter took {adapter:.0f} s (training and evaluation); the rest should take about "
-            f"{f'{left:.0f} s' if left < 120 else f'{left / 60:.0f} min'} more here (early stopping makes adapters differ)")
+def baselines(cfg: Config, E: dict, runs: list) -> list:
+    """The base model without an adapter: zero-shot once, ICL once per run (N-1 held-out demos per query)."""
+    rows = []
+    with lora_disabled(E["model"]):
+        for ev in E["evals"]:
+            if "zero_shot" in cfg.methods:
+                rec = evaluate(cfg, E, ev, [ev["queries"]], show=2, tag=f"zero_shot on {ev['name']}")[0]
+                rows.append(dict(task=ev["name"], method="zero_shot", lr=None, run=0, **rec))
+            if "icl" in cfg.methods:
+                prompts = [icl_eval_prompts(E["tok"], E["labels"], run["rest"], ev["eval_set"], cfg.n_train - 1,
+                                            cfg.seed + run["r"]) for run in runs]
+                recs = evaluate(cfg, E, ev, prompts, show=2, tag=f"icl run 0 on {ev['name']}")
+                rows += [dict(task=ev["name"], method="icl", lr=None, run=run["r"], **rec) for run, rec in zip(runs, recs)]
+    return rows
 
 
-def summarize(records: dict) -> dict:
-    """Mean and population std (ddof=0) over runs for each lr; the lr is chosen, as in the paper, by
-    the best mean top-1 accuracy on the eval set. The lr with the lowest mean dev loss is reported too.
-    predicted: the mean % per answer (labels, then other tokens); one_answer_runs: runs in which every
-    example got the same answer."""
+def train_method(cfg: Config, E: dict, m: str, runs: list, ia2_states: dict, folder: str) -> list:
+    """Every (lr, run) adapter of method m, trained together, then evaluated on every eval task together
+    and saved; returns the result rows. ia2_then_sft continues each IA2 adapter of the same (lr, run)."""
+    jobs = [Job(lr, run["r"], run["train"], run["dev"], beta=cfg.beta, start=ia2_states.get((lr, run["r"])) if
+                m == "ia2_then_sft" else None) for lr in cfg.lr for run in runs]
+    train(E["model"], OBJECTIVE[m], jobs, cfg, tag=lambda job: f"{m} lr={job.lr:g} run {job.run}")
+    if m == "ia2":
+        ia2_states.update({(job.lr, job.run): lora_state(E["model"], k) for k, job in enumerate(jobs)})
+    if m not in cfg.methods:
+        return []  # only the IA2 phase of ia2_then_sft
+    rows = []
+    for ev in E["evals"]:
+        recs = evaluate(cfg, E, ev, [ev["queries"]] * len(jobs), slots=list(range(len(jobs))), show=2,
+                        tag=f"{m} lr={jobs[0].lr:g} run 0 on {ev['name']}")
+        for job, rec in zip(jobs, recs):
+            rows.append(dict(task=ev["name"], method=m, lr=job.lr, run=job.run, **rec, dev_loss=job.best,
+                             steps=job.steps))
+            print(f"[{m} lr={job.lr:g} run {job.run}] {ev['name']}: acc {rec['accuracy']:.1f}" +
+                  (f" | ece {rec['ece']:.3f}" if "ece" in rec else "") + f" | best dev {job.best:.4f} | "
+                  f"{job.steps} steps")
+    for k, job in enumerate(jobs):
+        save_adapter(E["model"], os.path.join(folder, "adapters", m, f"lr{job.lr:g}", f"run{job.run}"), cfg, k)
+    return rows
+
+
+def summarize(rows: list) -> dict:
+    """Result rows of one eval task -> per method: mean and population std (ddof=0) over runs for each
+    lr; the lr is chosen, as in the paper, by the best mean top-1 accuracy on the eval set. The lr with
+    the lowest mean dev loss is reported too. predicted: the mean % per answer (labels, then other
+    tokens); one_answer_runs: runs in which every example got the same answer."""
     out = {}
-    for m, by_lr in ((m, by_lr) for m, by_lr in records.items() if by_lr):
+    for m in dict.fromkeys(x["method"] for x in rows):
+        by_lr = {}
+        for x in rows:
+            if x["method"] == m:
+                by_lr.setdefault(x["lr"], []).append({k: v for k, v in x.items() if k not in ("task", "method", "lr")})
         keys = [k for k in METRICS if k in next(iter(by_lr.values()))[0]]
         stats = lambda runs: dict(runs=runs, mean={k: float(np.mean([x[k] for x in runs])) for k in keys},
                                   std={k: float(np.std([x[k] for x in runs])) for k in keys},
                                   **({} if "predicted" not in runs[0] else dict(
                                       predicted=np.mean([x["predicted"] for x in runs], 0).tolist(),
                                       one_answer_runs=sum(max(x["predicted"]) == 100 for x in runs))))
-        rows = {lr: stats(runs) for lr, runs in by_lr.items()}
+        stat = {lr: stats(runs) for lr, runs in by_lr.items()}
         if m not in TRAINED:
-            out[m] = dict(lr=None, **rows[None])
+            out[m] = dict(lr=None, **stat[None])
             continue
-        lr_eval = max(rows, key=lambda lr: rows[lr]["mean"]["accuracy"])
-        lr_dev = min(rows, key=lambda lr: np.mean([x["dev_loss"] for x in by_lr[lr]]))
-        out[m] = dict(rows[lr_eval], lr=lr_eval, lr_dev_selected=lr_dev,
-                      dev_selected=dict(mean=rows[lr_dev]["mean"], std=rows[lr_dev]["std"]),
-                      by_lr={f"{lr:g}": row for lr, row in rows.items()})
+        lr_eval = max(stat, key=lambda lr: stat[lr]["mean"]["accuracy"])
+        lr_dev = min(stat, key=lambda lr: np.mean([x["dev_loss"] for x in by_lr[lr]]))
+        out[m] = dict(stat[lr_eval], lr=lr_eval, lr_dev_selected=lr_dev,
+                      dev_selected=dict(mean=stat[lr_dev]["mean"], std=stat[lr_dev]["std"]),
+                      by_lr={f"{lr:g}": row for lr, row in stat.items()})
         del out[m]["runs"]
     return out
 
@@ -1141,54 +1313,64 @@ def plural(n: int, word: str) -> str:
 
 def plan(cfg: Config, E: dict) -> str:
     trained = [m for m in TRAINED if m in cfg.methods]
-    n = cfg.runs * len(cfg.lr) * len(trained)
     evals = ", ".join(f"{len(ev['eval_set'])} {ev['name']}" for ev in E["evals"])
     return (f"plan: {plural(cfg.runs, 'run')} x {plural(len(cfg.lr), 'lr')} x {plural(len(trained), 'trained method')}"
-            f" = {plural(n, 'adapter')} (at most {cfg.epochs} epochs each), evaluated on {evals} eval examples, "
-            f"as are zero-shot (once) and ICL (once per run)")
+            f" = {plural(cfg.runs * len(cfg.lr) * len(trained), 'adapter')} (at most {cfg.epochs} epochs each; a "
+            f"method's {cfg.runs * len(cfg.lr)} train together), evaluated on {evals} eval examples, as are "
+            "zero-shot (once) and ICL (once per run)")
 
 
-def run_experiment(cfg: Config) -> dict:
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def run_experiment(cfg: Config) -> list:
+    """Every method x lr x run; returns the result rows (eval task, method, lr, run, metrics)."""
     t0 = time.time()
     out = cfg.out or os.path.join("runs", f"{cfg.task}-{os.path.basename(cfg.model.rstrip('/'))}-n{cfg.n_train}"
                                           f"-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(out):
         raise IA2Error(f"output folder {out} exists; choose another --out")
-    E, tmp = setup(cfg), out + ".partial"
+    E, tmp, rows, timing = setup(cfg), out + ".partial", [], dict(load=time.time() - t0)
     shutil.rmtree(tmp, ignore_errors=True)
-    records = {ev["name"]: {m: {} for m in cfg.methods} for ev in E["evals"]}  # eval task -> method -> lr
-    timing = collections.defaultdict(float, load=time.time() - t0)  # seconds per phase, summed over runs
     print(plan(cfg, E))
     try:
-        for ev in E["evals"] if "zero_shot" in cfg.methods else []:
+        tick = time.time()
+        runs = draw_runs(cfg, E)
+        rows += baselines(cfg, E, runs)
+        timing["teacher and baselines"] = time.time() - tick
+        methods, ia2_states = [m for m in TRAINED if m in cfg.methods], {}
+        if "ia2_then_sft" in methods and "ia2" not in methods:
+            methods.insert(methods.index("ia2_then_sft"), "ia2")  # its first phase, not reported
+        for i, m in enumerate(methods):
             tick = time.time()
-            with lora_disabled(E["model"]):
-                rec = evaluate(cfg, E, ev, ev["queries"], show=2, tag=f"zero_shot on {ev['name']}")
-            records[ev["name"]]["zero_shot"][None] = [dict(run=0, **rec)]
-            timing[f"eval/{ev['name']}/zero_shot"] = time.time() - tick
-        for r in range(cfg.runs):
-            one_run(cfg, E, r, records, timing, tmp)
+            rows += train_method(cfg, E, m, runs, ia2_states, tmp)
+            timing[f"method {m}"] = time.time() - tick
+            if i == 0 and len(methods) > 1:
+                print(f"estimate: {m}'s {plural(len(cfg.lr) * cfg.runs, 'adapter')} took {duration(timing[f'method {m}'])}"
+                      f" (training and evaluation); the other methods should take about "
+                      f"{duration(timing[f'method {m}'] * (len(methods) - 1))} more here (early stopping varies)")
     except KeyboardInterrupt:
-        timing["total"] = time.time() - t0
-        write_outputs(cfg, E, tmp, {n: summarize(rec) for n, rec in records.items()}, timing, interrupted=True)
+        write_outputs(cfg, E, tmp, rows, dict(timing, total=time.time() - t0), interrupted=True)
         print(f"ia2.py: interrupted; the adapters and results finished so far are in {tmp}/", file=sys.stderr)
         sys.exit(130)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # an error: no half-written output
         raise
-    results = {name: summarize(rec) for name, rec in records.items()}
     timing["total"] = time.time() - t0
-    write_outputs(cfg, E, tmp, results, timing)
+    results = write_outputs(cfg, E, tmp, rows, timing)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     os.replace(tmp, out)
     print("\n" + tables(cfg, results, E) + f"\n\nwritten to {out}/ in {timing['total']:.0f} s")
-    return results
+    return rows
 
 
-def write_outputs(cfg: Config, E: dict, folder: str, results: dict, timing: dict, interrupted=False):
-    """config.json; results.json with `methods` (the --task eval set, if evaluated) and `ood` (the others)."""
+def write_outputs(cfg: Config, E: dict, folder: str, rows: list, timing: dict, interrupted=False) -> dict:
+    """config.json; results.json with `methods` (the --task eval set, if evaluated) and `ood` (the
+    others); results.md. Returns the per-task summaries."""
     import transformers
-    model = E["model"]
+    model, results = E["model"], {ev["name"]: summarize([x for x in rows if x["task"] == ev["name"]])
+                                  for ev in E["evals"]}
     meta = dict(config=dataclasses.asdict(cfg), labels=E["labels"], label_token_ids=E["label_ids"],
                 template=E["task"]["template"], model_class=type(model).__name__,
                 layers=model.config.num_hidden_layers, device=str(model.device), dtype=str(model.dtype),
@@ -1205,7 +1387,9 @@ def write_outputs(cfg: Config, E: dict, folder: str, results: dict, timing: dict
                                  "mean dev loss", **({"interrupted": True} if interrupted else {})), f, indent=2)
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(f"# {cfg.task}, {cfg.model}, N={cfg.n_train}, {plural(cfg.runs, 'run')}"
-                f"{' (interrupted: the runs finished so far)' if interrupted else ''}\n\n{tables(cfg, results, E)}\n")
+                f"{' (interrupted: the methods finished so far)' if interrupted else ''}\n\n"
+                f"{tables(cfg, results, E)}\n")
+    return results
 
 
 def main(argv=None):
