@@ -75,7 +75,7 @@ def rollout_speed(model, tok, pool, labels, n_demos, n_prompts, Ts=(32, 64, 128,
           f"{model.device}, {model.dtype}; seconds per rollout of T tokens, mean over the prompts\n")
     cached, full = [], []
     for p in prompts:
-        cached.append(timed_steps(lambda: ia2.generate(model, [p], max(Ts), eos_id=-1, capture=True)[0], model))
+        cached.append(timed_steps(lambda: ia2.generate(model, [p], max(Ts), set(), capture=True)[0], model))
         full.append(timed_steps(lambda: rollout_uncached(model, p, max(Ts)), model))
     same = all(c["tokens"] == f[0] for (c, _), (f, _) in zip(cached, full))
     diff = max(float((c["acts"].float() - f[1].float()).abs().max()) for (c, _), (f, _) in zip(cached, full))

@@ -10,7 +10,9 @@ adapter, and measures, following the paper:
     model reading the query alone and of the base model reading the query after N-1 demos, per
     layer, on the first 100 eval examples;
   - reliability diagrams (§5) over the equal-mass bins of the paper's ECE;
-  - the LoRA subspace overlap between methods (§5.2, Fig. 4).
+  - the LoRA subspace overlap between methods (§5.2, Fig. 4);
+  - IA2→SFT against SFT and ICL on every eval task: Table 5's gaps and Table 8's paired comparison over
+    runs, with an exact sign-flip p-value (this part alone for multi-token runs).
 Several folders (e.g. the same model and task at N = 2, 4, 8, 16) also give accuracy, ECE and asim
 against N.
 
@@ -19,10 +21,12 @@ One SST-2 eval item (validation row 0, label 1 = positive) and what the models r
   ICL (the teacher, and the ICL baseline): N-1 = 3 held-out demos first, each "Text:...\nLabel:0\n\n",
   then the same query. The answer position is the last prompt token (after "Label:").
 Reference, the paper's SST2 row (Qwen3-4B-Base, N=4, accuracy % / ECE): ICL 85.4/.13, SFT 65.2/.22,
-IA2 only 82.7/.28, IA2→SFT 90.4/.06; mean asim with ICL: SFT 0.52, IA2→SFT 0.67, IA2 only 0.80. The numbers of each folder are kept in its analysis.json; a later call reuses them
-(delete the file to recompute). Figures need matplotlib (pip install matplotlib); ia2.py does not.
+IA2 only 82.7/.28, IA2→SFT 90.4/.06; mean asim with ICL: SFT 0.52, IA2→SFT 0.67, IA2 only 0.80.
+The numbers of each folder are kept in its analysis.json; a later call reuses them (delete the file to
+recompute). Figures need matplotlib (requirements-dev.txt); ia2.py does not.
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -99,25 +103,69 @@ def reliability(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> list
 
 
 def load_folder(folder: str):
+    """config.json and results.json of a finished run; `analysable`: a single-token run evaluated on its
+    own --task, the kind whose activations, calibration and adapters eval.py measures."""
     for f in ("config.json", "results.json"):
         if not os.path.isfile(os.path.join(folder, f)):
             raise ia2.IA2Error(f"{folder} is not a finished ia2.py run folder (no {f})")
     with open(os.path.join(folder, "config.json")) as f:
         meta = json.load(f)
     with open(os.path.join(folder, "results.json")) as f:
-        results = json.load(f).get("methods")
-    if results is None or meta["labels"] is None:
-        raise ia2.IA2Error(f"{folder}: eval.py analyses single-token runs evaluated on their own --task")
-    return meta, results
+        results = json.load(f)
+    return meta, results, meta["labels"] is not None and "methods" in results
 
 
 def adapter_folder(folder: str, results: dict, method: str, run: int) -> str:
-    return os.path.join(folder, "adapters", method, f"lr{results[method]['lr']:g}", f"run{run}")
+    return ia2.adapter_dir(folder, method, results[method]["lr"], results[method].get("beta"), run)
+
+
+# -----------------------------------------------------------------------------
+# IA2→SFT against SFT and ICL, run by run (the paper's Table 8) and the gaps of Table 5
+
+
+def sign_flip_p(diffs) -> float:
+    """Exact two-sided paired test: the share of the 2^R ways to flip the signs of the R per-run differences
+    whose mean is at least as far from 0 as the observed one. No assumption on their distribution; with
+    R runs the smallest possible p is 2 / 2^R (0.0625 for 5 runs)."""
+    d = np.asarray(diffs, dtype=float)
+    signs = np.array(list(itertools.product((1, -1), repeat=len(d))))
+    return float(np.mean(np.abs((signs * d).mean(1)) >= abs(d.mean()) - 1e-12))
+
+
+def comparison(results: dict) -> str:
+    """For each eval task: Table 5's columns (means; gap = IA2→SFT minus ICL, minus SFT) and Table 8's
+    paired differences over the runs, each method at the setting ia2.py selected."""
+    tables = {**({results["config_task"]: results["methods"]} if "methods" in results else {}), **results["ood"]}
+    lines = ["## IA2→SFT against ICL and SFT, run by run (Tables 5 and 8)\n",
+             "| eval task | ICL | SFT | IA2 only | IA2→SFT | gap wrt ICL | gap wrt SFT |", "|---|---|---|---|---|---|---|"]
+    mean = lambda r, m: f"{r[m]['mean']['accuracy']:.1f}" if m in r else "–"
+    paired = []
+    for task, r in tables.items():
+        gap = lambda m: f"{r['ia2_then_sft']['mean']['accuracy'] - r[m]['mean']['accuracy']:+.1f}" if (
+            "ia2_then_sft" in r and m in r) else "–"
+        lines.append(f"| {task} | {mean(r, 'icl')} | {mean(r, 'sft')} | {mean(r, 'ia2')} | {mean(r, 'ia2_then_sft')} | "
+                     f"{gap('icl')} | {gap('sft')} |")
+        for other in ("sft", "icl") if "ia2_then_sft" in r else ():
+            if other in r:
+                paired.append((task, other, r["ia2_then_sft"]["runs"], r[other]["runs"]))
+    lines += ["", "| eval task | IA2→SFT minus | runs | accuracy (points) | p | ECE | p |", "|---|---|---|---|---|---|---|"]
+    for task, other, a, b in paired:
+        by_run = {x["run"]: x for x in b}
+        pairs = [(x, by_run[x["run"]]) for x in a if x["run"] in by_run]
+        cells = []
+        for key in ("accuracy", "ece"):
+            d = [x[key] - y[key] for x, y in pairs] if key in pairs[0][0] else None
+            cells += [f"{np.mean(d):+.{1 if key == 'accuracy' else 3}f}", f"{sign_flip_p(d):.3f}"] if d else ["–", "–"]
+        lines.append(f"| {task} | {other} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\nMeans in %, at each method's selected setting. Paired: run r against run r (the "
+                               "same N examples; ICL run r draws its own demos), the mean difference and the exact "
+                               "sign-flip p (two-sided; its floor is 2/2^runs).\n")
 
 
 def analyse(folder: str, device: str, n_asim: int) -> dict:
     """Everything measured on one run folder, as a JSON-able dict (saved as analysis.json)."""
-    meta, results = load_folder(folder)
+    meta, all_results, _ = load_folder(folder)
+    results = all_results["methods"]
     cfg = ia2.Config(**{**meta["config"], "device": device})
     E = ia2.setup(cfg)
     model, tok, k = E["model"], E["tok"], min(n_asim, len(E["queries"]))
@@ -127,7 +175,8 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
                gold=E["gold"][:3].tolist(), majority=ia2.majority(E["labels"], E["gold"]), methods={})
 
     def record(method, run, pred, acts=None, teach=None):
-        entry = out["methods"].setdefault(method, dict(lr=results[method]["lr"], runs=[], conf=[], max_p=[],
+        entry = out["methods"].setdefault(method, dict(lr=results[method]["lr"], beta=results[method].get("beta"),
+                                                       runs=[], conf=[], max_p=[],
                                                        correct=[]))
         correct = ia2.top1_label(pred[1], tok, E["labels"]) == E["gold"]
         row = dict(run=run, **ia2.metrics(pred, E["gold"], tok, E["labels"]))
@@ -149,7 +198,7 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
         record("zero_shot", 0, zero_pred)
     for r in range(cfg.runs):
         s = cfg.seed + r
-        _, _, rest = ia2.few_shot_split(E["pool"], cfg.n_train, s)
+        _, _, rest, _ = ia2.few_shot_split(E["pool"], cfg.n_train, s)
         icl = ia2.icl_eval_prompts(tok, E["labels"], rest, E["eval_set"], cfg.n_train - 1, s)
         with ia2.lora_disabled(model):
             teach = activations(model, icl[:k])  # the teacher: the base model with N-1 demos
@@ -290,7 +339,7 @@ def report(a: dict) -> str:
     lines.append(f"| majority class (always {maj['label']!r}) | – | {maj['accuracy']:.1f} | {maj['accuracy']:.1f} | – | "
                  "– | – | " + "/".join("100" if x == maj["label"] else "0" for x in a["labels"]) + "/0 |")
     for m, e in methods(a):
-        s, lr = summary(e), "–" if e["lr"] is None else f"{e['lr']:g}"
+        s, lr = summary(e), ia2.setting_name(e["lr"], e.get("beta"))
         shares = [x["predicted"] for x in e["runs"]]
         one = sum(max(p) == 100 for p in shares)
         lines.append(f"| {m} | {lr} | {pm(s['accuracy'])} | "
@@ -362,26 +411,33 @@ def write(path: str, text: str):
 
 
 def run(folders: list, out: str, device: str, n_asim: int):
-    for folder in folders:
-        load_folder(folder)  # fail on a bad folder before any work
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-    except ImportError:
-        raise ia2.IA2Error("eval.py draws figures with matplotlib: pip install matplotlib (or -r requirements-dev.txt)")
+    loaded = {folder: load_folder(folder) for folder in folders}  # fail on a bad folder before any work
+    if any(ok for _, _, ok in loaded.values()):
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+        except ImportError:
+            raise ia2.IA2Error("eval.py draws figures with matplotlib: pip install -r requirements-dev.txt")
     analyses = []
-    for folder in folders:
+    for folder, (meta, results, ok) in loaded.items():
+        results["config_task"] = meta["config"]["task"]
+        compare = comparison(results)
+        if not ok:  # a multi-token (or only OOD-evaluated) run: the comparison alone
+            write(os.path.join(folder, "report.md"), f"# Analysis: {folder}\n\n{compare}")
+            print(compare + f"(written to {folder}/report.md; activations, calibration and adapter overlap are "
+                  "measured for single-token runs evaluated on their own task)\n")
+            continue
         path = os.path.join(folder, "analysis.json")
         a = json.load(open(path)) if os.path.isfile(path) else {}
-        if "majority" in a:  # written by this version of eval.py
-            print(f"{folder}: reusing {path}")
-        else:
+        if "majority" not in a:  # not written by this version of eval.py
             a = analyse(folder, device, n_asim)
             write(path, json.dumps(a))
+        else:
+            print(f"{folder}: reusing {path}")
         plot_asim(a, os.path.join(folder, "asim.png"))
         plot_reliability(a, os.path.join(folder, "reliability.png"))
-        write(os.path.join(folder, "report.md"), report(a))
-        print(report(a) + f"(written to {folder}/report.md)\n")
+        write(os.path.join(folder, "report.md"), report(a) + "\n" + compare)
+        print(report(a) + "\n" + compare + f"(written to {folder}/report.md)\n")
         analyses.append(a)
     if len(analyses) > 1:
         keys = {(a["model"], a["task"], json.dumps(a["data"]), tuple(a["labels"])) for a in analyses}

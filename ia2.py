@@ -64,8 +64,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm  # installed with transformers and datasets
 
-METHODS = ("zero_shot", "icl", "sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft", "kd")
-TRAINED = ("sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft", "kd")
+METHODS = ("zero_shot", "icl", "sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_then_sft_icl", "ia2_plus_sft", "kd")
+TRAINED = METHODS[2:]
 METRICS = ("accuracy", "label_accuracy", "ece", "ece_equal_width")  # multi-token tasks: accuracy only
 
 
@@ -104,8 +104,9 @@ class Config:
                      (lambda v: v > 0, "> 0"))
     methods: tuple = arg(METHODS[:-1], "methods to run, any of: " + " ".join(METHODS) + " (kd, the paper's "
                          "Table 4 soft-label baseline, only when named)")
-    beta: float = arg(0.5, "β in (1-β)·L_IA2 + β·L_SFT for ia2_plus_sft (paper grids: Qwen 0.1-0.9, Llama 0.001-0.5)",
-                       (lambda v: 0 <= v <= 1, "in [0, 1]"))
+    beta: tuple = arg((0.1, 0.5, 0.7, 0.9), "β grid of ia2_plus_sft, (1-β)·L_IA2 + β·L_SFT(Ŷ): like the official code, "
+                      "selected jointly with the lr by mean eval accuracy (paper: Qwen 0.1 0.5 0.7 0.9, Llama 0.001 "
+                      "0.01 0.05 0.5)", (lambda v: 0 <= v <= 1, "in [0, 1]"))
     eval_size: int = arg(500, "evaluation examples, never trained on (paper: 500)", AT_LEAST(1))
     pool_size: int = arg(2000, "training pool the N examples, dev set and ICL demos are drawn from (paper: 2000)",
                           AT_LEAST(1))
@@ -114,7 +115,12 @@ class Config:
                         AT_LEAST(1))
     batch_size: int = arg(4, "examples per optimizer step, min(this, N) (paper: 4, by gradient accumulation)",
                           AT_LEAST(1))
-    rank: int = arg(8, "LoRA rank r on q_proj, k_proj, o_proj (paper: 8; alpha = rank, scale 1)", AT_LEAST(1))
+    rank: int = arg(8, "LoRA rank r (paper: 8; alpha = rank, scale 1)", AT_LEAST(1))
+    targets: str = arg("qko", "LoRA target matrices of every layer, letters of q k v o (paper: qko; Table 7 also "
+                       "qk, qkv)", (lambda v: len(v) == len(set(v)) > 0 and set(v) <= set("qkvo"), "letters of qkvo"))
+    restore: str = arg("best", "the adapter kept: best (lowest dev loss; what the official code means to do) or last "
+                       "(what it does, its restore being a no-op); IA2→SFT continues the kept IA2 adapter",
+                       (lambda v: v in ("best", "last"), "best or last"))
     max_new_tokens: int = arg(None, "multi-token tasks: teacher rollout length T and generation limit (paper: 200; "
                               "400 for hmath_algebra's evaluation); single-token tasks always use T=1", AT_LEAST(1))
     seed: int = arg(0, "run r uses seed seed+r for its split, demo order, LoRA init and shuffles (paper: r)")
@@ -131,7 +137,7 @@ def parse_args(argv=None) -> Config:
     for f in dataclasses.fields(Config):
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
         if f.type is tuple:
-            kw.update(nargs="+", type=float if f.name == "lr" else str)
+            kw.update(nargs="+", type=float if f.name in ("lr", "beta") else str)
         elif f.type is bool:
             kw.update(action=argparse.BooleanOptionalAction)
         else:
@@ -187,9 +193,21 @@ def cut(text: str, n: int = 256) -> str:
 
 
 def sciq_row(ex, rng):
-    options = [ex["correct_answer"], ex["distractor1"], ex["distractor2"], ex["distractor3"]]
-    order = list(rng.permutation(4))  # slot i shows options[order[i]]; the correct one is options[0]
-    return dict(question=ex["question"], **{f"o{i}": options[j] for i, j in enumerate(order)}, label=order.index(0))
+    """Options [d1, d2, d3, correct] shuffled in place by the loader's one generator (official
+    prepare_data.py:1294-1303): slot i shows options[order[i]]; the label is the correct one's slot."""
+    options, order = [ex["distractor1"], ex["distractor2"], ex["distractor3"], ex["correct_answer"]], [0, 1, 2, 3]
+    rng.shuffle(order)
+    return dict(question=ex["question"], **{f"o{i}": options[j] for i, j in enumerate(order)}, label=order.index(3))
+
+
+def sciq_rng():
+    """The official loader's global numpy state at its first option shuffle: seeded 42, then four distinct
+    slot words drawn from a list of 9 (prepare_data.py:1352-1362). It goes on through the pool, then the
+    eval set, one shuffle per kept record."""
+    rng, drawn = np.random.RandomState(42), set()
+    while len(drawn) < 4:
+        drawn.add(rng.randint(9))  # = np.random.choice(9 words)
+    return rng
 
 
 TASKS = {
@@ -252,39 +270,45 @@ def answer_text(labels, y) -> str:
 
 def load_task(cfg: Config, name: str, labels, path=None):
     """Returns (pool, eval_set), lists of (X, y): the filled template and the label index or answer text.
-    Each split is shuffled with seed 42 (the official code's datasets .shuffle(seed=42)) before the
-    first --pool-size (pool) and --eval-size (eval) records are kept."""
-    task = TASKS[name]
+    As the official prepare_data.py does, each split is shuffled with seed 42 (datasets' .shuffle(seed=42))
+    and its first --pool-size (pool) or --eval-size (eval) records are kept."""
+    task, rng = TASKS[name], sciq_rng() if name == "sciq_remap" else None
     pool_split, eval_split = task["splits"]
     if path:
-        recs = [x for _, x in shuffled(examples(task, list(enumerate(read_file(path), 1)), labels, path))]
+        recs = shuffled(examples(task, list(enumerate(read_file(path), 1)), labels, path, rng=rng))
         n_eval = len(recs) if pool_split is None else min(cfg.eval_size, len(recs) // 2)
         if pool_split and n_eval < cfg.eval_size:
             warn(f"{path} has {len(recs)} usable rows: its last {n_eval} (at most half) are the eval set, "
                  f"not --eval-size {cfg.eval_size}")
-        pool, ev = recs[:len(recs) - n_eval], recs[len(recs) - n_eval:]
-    else:
-        pool = hub_records(task, name, pool_split, labels) if pool_split else []
-        ev = hub_records(task, name, eval_split, labels) if eval_split else pool[len(pool) - cfg.eval_size:]
-        pool = pool if eval_split else pool[:len(pool) - cfg.eval_size]
-    return pool[:cfg.pool_size], ev[:cfg.eval_size]
+        return recs[:len(recs) - n_eval][:cfg.pool_size], recs[len(recs) - n_eval:]
+    if eval_split:  # the pool's records are converted first, then the eval set's (sciq_remap: one generator)
+        pool = hub_records(task, name, pool_split, labels, rng, cfg.pool_size) if pool_split else []
+        return pool, hub_records(task, name, eval_split, labels, rng, cfg.eval_size)
+    recs = hub_records(task, name, pool_split, labels)  # finsen, strategytf: the eval set is the last records
+    pool, ev = recs[:len(recs) - cfg.eval_size], recs[len(recs) - cfg.eval_size:]
+    if name == "strategytf":  # and both parts are shuffled again (prepare_data.py:1633-1634)
+        pool, ev = shuffled(pool), shuffled(ev)
+    return pool[:cfg.pool_size], ev
 
 
 def shuffled(recs: list) -> list:
-    """(row number, record) pairs in datasets' .shuffle(seed=42) order."""
-    return [(i + 1, recs[i]) for i in np.random.default_rng(42).permutation(len(recs))]
+    return [recs[i] for i in np.random.default_rng(42).permutation(len(recs))]  # = datasets' .shuffle(seed=42)
 
 
-def hub_records(task: dict, name: str, split: str, labels) -> list:
+def hub_records(task: dict, name: str, split: str, labels, rng=None, limit=None) -> list:
+    """A split of the task's Hub dataset, shuffled, converted until `limit` examples are kept."""
     import datasets
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     try:
-        ds = datasets.load_dataset(task["hub"][0], task["hub"][1], split=split)
+        recs = list(enumerate(datasets.load_dataset(task["hub"][0], task["hub"][1], split=split).to_list(), 1))
     except Exception as e:
         raise IA2Error(f"cannot load {task['hub'][0]} for task {name} from the Hub ({str(e).splitlines()[0]}); "
                        f"offline, pass a local copy: --data {name}=FILE")
-    return examples(task, shuffled(ds.to_list()), labels, f"{task['hub'][0]} {split}", hub=True)
+    where = f"{task['hub'][0]} {split}"
+    if name == "poems":  # filtered first, then shuffled (prepare_data.py:914-915)
+        return shuffled(examples(task, recs, labels, where, hub=True))[:limit]
+    return examples(task, shuffled(recs), labels, where, hub=True, rng=rng, limit=limit)
 
 
 def read_file(path: str) -> list:
@@ -319,7 +343,7 @@ def read_file(path: str) -> list:
 ALIASES = {"text": ("sentence", "review"), "label": ("sentiment",)}  # everyday names of the same columns
 
 
-def examples(task: dict, recs: list, labels, where: str, hub=False) -> list:
+def examples(task: dict, recs: list, labels, where: str, hub=False, rng=None, limit=None) -> list:
     """(row number, record) pairs -> (X, y) pairs. A record holds either the Hub dataset's own columns,
     converted by the task's `row` (dropping what the task drops), or the template's fields plus label or
     answer (ALIASES allowed). Empty cells and unknown labels stop the run, naming the row."""
@@ -332,9 +356,11 @@ def examples(task: dict, recs: list, labels, where: str, hub=False) -> list:
     if not hub and not all(find(first, f) in first for f in need):
         raise IA2Error(f"{where} needs columns {', '.join(map(repr, need[:-1]))} and {need[-1]!r} (or those of "
                        f"{task['hub'][0]}), found {', '.join(map(repr, first))}")
-    rng, out = np.random.RandomState(42), []  # rng: sciq_remap's option order
+    out = []
     for i, rec in recs:
-        rec = task["row"](rec, rng) if hub else {f: rec.get(find(rec, f)) for f in need}
+        if len(out) == limit:
+            break
+        rec = task["row"](rec, rng) if hub else {f: rec.get(find(rec, f)) for f in need}  # rng: sciq's options
         if rec is None:
             continue  # a record the task drops (e.g. FinS neutral)
         for f in need[:-1]:
@@ -352,7 +378,7 @@ def examples(task: dict, recs: list, labels, where: str, hub=False) -> list:
 
 def hub_format(task: dict, rec: dict) -> bool:
     try:
-        task["row"](rec, np.random.RandomState(0))
+        task["row"](rec, np.random.RandomState(0))  # a throwaway generator
         return True
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
@@ -377,11 +403,18 @@ def warn(message: str):
 
 
 def few_shot_split(pool: list, n: int, seed: int):
-    """Run r: permute the pool with RandomState(r); train = first N, dev = next min(48, N//2), rest = demos."""
-    perm = np.random.RandomState(seed).permutation(len(pool))
-    n_dev = min(48, n // 2)
+    """Run r, with one RandomState(r) as in the official create_training_datasets.py: permute the pool;
+    train = the first N, dev = the next min(48, N//2), rest = the ICL-evaluation demos. The same
+    generator then shuffles, for each training query i, the list of the other N-1 training indices:
+    its demos, in that order (dev example j reuses query j's)."""
+    rng = np.random.RandomState(seed)
+    perm, n_dev = rng.permutation(len(pool)), min(48, n // 2)
+    orders = []
+    for i in range(n):
+        orders.append([j for j in range(n) if j != i])
+        rng.shuffle(orders[-1])
     pick = lambda idx: [pool[i] for i in idx]
-    return pick(perm[:n]), pick(perm[n:n + n_dev]), pick(perm[n + n_dev:])
+    return pick(perm[:n]), pick(perm[n:n + n_dev]), pick(perm[n + n_dev:]), orders
 
 
 def encode(tok, prompt: str) -> list:
@@ -395,17 +428,13 @@ def target_ids(tok, labels, y) -> list:
     return ids if labels else ids + [tok.eos_token_id]
 
 
-def training_items(tok, labels, train, dev, seed):
-    """Each training query sees the other N-1 examples as demos, in a random order of its own;
+def training_items(tok, labels, train, dev, orders):
+    """Each training query i sees the other N-1 training examples as demos, in the order orders[i];
     dev example j reuses training example j's demos (official code)."""
-    rng = np.random.RandomState(seed)
     shots = [x + answer_text(labels, y) for x, y in train]
-    demo_sets = []
-    for i in range(len(train)):
-        others = [shots[j] for j in range(len(train)) if j != i]
-        demo_sets.append([others[k] for k in rng.permutation(len(others))])
     items = lambda rows: [dict(x=encode(tok, x), y=y, y_ids=target_ids(tok, labels, y),
-                               icl=encode(tok, make_prompt(x, demo_sets[j]))) for j, (x, y) in enumerate(rows)]
+                               icl=encode(tok, make_prompt(x, [shots[k] for k in orders[j]])))
+                          for j, (x, y) in enumerate(rows)]
     return items(train), items(dev)
 
 
@@ -464,6 +493,10 @@ def add_lora(model, targets=("q_proj", "k_proj", "o_proj"), r=8, alpha=8, K=1):
     return model
 
 
+def lora_targets(cfg: Config) -> tuple:
+    return tuple(f"{c}_proj" for c in cfg.targets)  # "qko" -> q_proj, k_proj, o_proj
+
+
 def lora_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -517,7 +550,7 @@ def save_adapter(model, folder: str, cfg: Config, k: int = 0):
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
     conf = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=cfg.model, r=cfg.rank,
                 lora_alpha=cfg.rank, lora_dropout=0.0, bias="none", fan_in_fan_out=False,
-                target_modules=["q_proj", "k_proj", "o_proj"], init_lora_weights=True, inference_mode=True)
+                target_modules=list(lora_targets(cfg)), init_lora_weights=True, inference_mode=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(conf, f, indent=2)
 
@@ -625,12 +658,12 @@ def spans(lengths: list, budget: int) -> list:
 
 
 @torch.no_grad()
-def generate(model, prompts: list, max_new: int, eos_id: int, stop=None, capture=False, scores=False, slots=None):
+def generate(model, prompts: list, max_new: int, eos: set, stop=None, capture=False, scores=False, slots=None):
     """Greedy decoding of a batch with a KV cache, row i through adapter slots[i]; the teacher rollout
     (§3) and the evaluation (§5). Left padding puts every prompt's last token in the last column, and
     position_ids = cumsum(mask)-1 give each row the positions it has alone (tested against batch size
-    1). Each step feeds one token per row. A row ends after emitting EOS (kept, with its activations,
-    as in the official rollout) or once stop(tokens) is true. Returns per row: tokens (T',), acts
+    1). Each step feeds one token per row. A row ends after emitting an id in `eos` (kept, with its
+    activations, as in the official rollout) or once stop(tokens) is true. Returns per row: tokens (T',), acts
     (L, T', D) in the base dtype, on the device, and logp (T', V) fp32 (the step's log-probabilities),
     on the CPU. The official rollout re-runs the whole sequence each step; a test checks that tokens
     and activations are the same."""
@@ -655,7 +688,7 @@ def generate(model, prompts: list, max_new: int, eos_id: int, stop=None, capture
         for i, y in enumerate(nxt.tolist()):
             if not done[i]:
                 tokens[i].append(y)
-                done[i] = y == eos_id or (stop is not None and stop(tokens[i]))
+                done[i] = y in eos or (stop is not None and stop(tokens[i]))
         if all(done):
             break
         ids, pos, mask = nxt[:, None], pos[:, -1:] + 1, torch.cat([mask, mask.new_ones(B, 1)], 1)
@@ -666,16 +699,34 @@ def generate(model, prompts: list, max_new: int, eos_id: int, stop=None, capture
 
 def teacher(model, items: list, T: int, eos_id: int, scores=False):
     """Adds to each item Ŷ (y_icl, T' <= T tokens), A_ICL (L, T', D) at d_icl+t, and for kd the
-    teacher's log-probabilities (T', V): one greedy rollout of the base model on I∘X, with no "\n\n"
-    stop (official code). Single-token tasks: T=1, one forward. Activations stay on the device in the
-    base dtype, (L·T'·D) numbers per example; the log-probabilities go to the CPU (README, Memory)."""
+    teacher's log-probabilities (T', V): one greedy rollout of the base model on I∘X that stops only at
+    the tokenizer's EOS, with no "\n\n" stop (official get_activations). Also y_out, the official
+    "ICL outputs" (the SFT targets of sft_icl and ia2_then_sft_icl), which a generate() call made: the
+    same tokens, up to the first EOS id of the model's generation_config (see icl_output). Single-token
+    tasks: T=1, one forward. Activations stay on the device in the base dtype, (L·T'·D) numbers per
+    example; the log-probabilities go to the CPU (README, Memory)."""
     with lora_disabled(model):
         for part in spans([len(it["icl"]) + T for it in items], token_budget(model, grad=False)):
             batch = items[part]
-            for it, o in zip(batch, generate(model, [it["icl"] for it in batch], T, eos_id, capture=True,
+            for it, o in zip(batch, generate(model, [it["icl"] for it in batch], T, {eos_id}, capture=True,
                                              scores=scores)):
-                it.update(y_icl=o["tokens"], A_icl=o["acts"], logp_icl=o["logp"])
+                it.update(y_icl=o["tokens"], A_icl=o["acts"], logp_icl=o["logp"],
+                          y_out=icl_output(o["tokens"], T, eos_ids(model, eos_id), eos_id))
     return items
+
+
+def eos_ids(model, eos_id: int) -> set:
+    """Where the official generate() calls stop (evaluation, ICL outputs): at every EOS id of the model's
+    generation_config (Llama-3 Instruct and Qwen3 list several), else at the tokenizer's."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    return set([ids] if isinstance(ids, int) else ids or []) or {eos_id}
+
+
+def icl_output(tokens: list, T: int, eos: set, eos_id: int) -> list:
+    """The official collect_icl_outputs from a rollout's tokens: cut after the first id in `eos` (kept); a
+    cut before T tokens on another id than the tokenizer's EOS gets that EOS appended."""
+    cut = next((i + 1 for i, y in enumerate(tokens) if y in eos), len(tokens))
+    return tokens[:cut] + [eos_id] * (cut < T and tokens[cut - 1] != eos_id)
 
 
 # -----------------------------------------------------------------------------
@@ -713,8 +764,9 @@ def padded(xs: list, T: int) -> torch.Tensor:
 
 
 def target_of(objective: str, item: dict) -> list:
-    """What the student reads after X: the ground truth Y for sft, the teacher's answer Ŷ otherwise."""
-    return item["y_ids"] if objective == "sft" else item["y_icl"]
+    """What the student reads after X: the ground truth Y for sft, the ICL outputs for sft_icl, the
+    teacher's rollout Ŷ otherwise (official code)."""
+    return item["y_ids"] if objective == "sft" else item["y_out"] if objective == "sft_icl" else item["y_icl"]
 
 
 def objective_loss(model, objective: str, batch: list, beta=0.5, slots=None) -> torch.Tensor:
@@ -795,9 +847,9 @@ def train(model, objective: str, jobs: list, cfg: Config, tag) -> list:
     one forward and backward (the per-job mean losses summed, so each job's gradient is its own), and
     steps each adapter with its own lr (Adam, no weight decay, no schedule). Per job: the dev loss every
     2 steps and at each epoch end; stop after `patience` checks without a new best, or after --epochs,
-    and restore the best adapter (the official code does not, see README). A job's init, example order,
+    and keep the best adapter (--restore last: the last, as the official code does). A job's init, example order,
     steps and dev losses are those of training it alone (tested). tag(job) names a job in the log."""
-    add_lora(model, r=cfg.rank, alpha=cfg.rank, K=len(jobs))
+    add_lora(model, lora_targets(cfg), r=cfg.rank, alpha=cfg.rank, K=len(jobs))
     for k, job in enumerate(jobs):
         set_seed(cfg.seed + job.run)  # the same init for every method of a run
         for mod in lora_modules(model).values():
@@ -822,9 +874,10 @@ def train(model, objective: str, jobs: list, cfg: Config, tag) -> list:
                 with torch.no_grad():
                     for b, p in zip(best, params):
                         b[k] = p[k]
-    with torch.no_grad():
-        for p, b in zip(params, best):
-            p.copy_(b)
+    if cfg.restore == "best":
+        with torch.no_grad():
+            for p, b in zip(params, best):
+                p.copy_(b)
     return jobs
 
 
@@ -980,23 +1033,26 @@ def clean_number(s: str):
 
 
 def parse_answer(task: str, text: str):
-    """The final answer of a generation or of a ground-truth answer, parsed the same way.
-    gsm8k, gsm8ks: \boxed{x}, '#### x', 'answer is x', 'Answer: x', else the last number; cleaned.
-    hmath_algebra: the last \boxed{} (spaces removed). sciqa: the text after the last '####'."""
+    """The final answer of a generation or of a ground-truth answer, parsed the same way (official
+    utils.py where it is right; README, Deviations, lists where not). gsm8k, gsm8ks: \boxed{x},
+    '#### x', 'answer is x', 'Answer: x', '$x', else the last number that is not a year (1900-2100),
+    else the last number; cleaned. hmath_algebra: the last \boxed{} (whitespace removed, \dfrac as
+    \frac). sciqa: the text after the last '####'."""
     if task == "sciqa":
         return text.split("####")[-1].strip()
     if task == "hmath_algebra":
         b = boxed(text)
-        return None if b is None else "".join(b.split())
+        return None if b is None else "".join(b.split()).replace("\\dfrac", "\\frac")
     b = boxed(text)
     if b is not None and clean_number(b) is not None:
         return clean_number(b)
-    for pattern in (r"####\s*(.*)", r"answer is[:\s]*(.*)", r"Answer:\s*(.*)"):
+    for pattern in (r"####\s*(.*)", r"answer is[:\s]*(.*)", r"Answer:\s*(.*)", r"\$\s*(" + NUMBER + ")"):
         found = re.findall(pattern, text, flags=re.IGNORECASE)
         if found and clean_number(found[-1]) is not None:
             return clean_number(found[-1])
-    numbers = re.findall(NUMBER, text.replace("$", ""))
-    return clean_number(numbers[-1]) if numbers else None
+    numbers = [clean_number(n) for n in re.findall(NUMBER, text.replace("$", ""))]
+    years = [n for n in numbers if n.isdigit() and 1900 <= int(n) <= 2100]
+    return ([n for n in numbers if n not in years] or numbers or [None])[-1]
 
 
 def answer_of(tok, ids: list) -> str:
@@ -1005,16 +1061,16 @@ def answer_of(tok, ids: list) -> str:
 
 
 def generate_texts(model, tok, seqs: list, max_new: int, slots=None) -> list:
-    """Greedy continuations (prompt i through adapter slots[i]), stopped at EOS or at the first "\n\n"
-    and cut there. Prompts are sorted by length so that batches carry little padding; a batch is as
+    """Greedy continuations (prompt i through adapter slots[i]), stopped as the official evaluation's
+    generate() stops, at any EOS id of the generation_config or at the first "\n\n", and cut there. Prompts are sorted by length so that batches carry little padding; a batch is as
     many as fit the device's token budget."""
     stop = lambda ids: "\n\n" in tok.decode(ids[-2:])  # "\n\n" may be one token or two
     texts, order = [None] * len(seqs), sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for part in tqdm(spans([len(seqs[i]) + max_new for i in order], token_budget(model, grad=False)),
                      desc="generate", leave=False, disable=None):
         idx = order[part]
-        for i, o in zip(idx, generate(model, [seqs[i] for i in idx], max_new, tok.eos_token_id, stop=stop,
-                                      slots=slots and [slots[i] for i in idx])):
+        for i, o in zip(idx, generate(model, [seqs[i] for i in idx], max_new, eos_ids(model, tok.eos_token_id),
+                                      stop=stop, slots=slots and [slots[i] for i in idx])):
             texts[i] = answer_of(tok, o["tokens"])
     return texts
 
@@ -1086,6 +1142,15 @@ def label_tokens(tok, labels: list) -> list:
     return ids
 
 
+def check_tokenizer(tok, prompts: list):
+    """Warn when the tokenizer reads the prompts about one character at a time (a broken conversion, e.g.
+    of some GGUF tokenizers in some transformers versions): every number of the run is then meaningless."""
+    chars, tokens = sum(map(len, prompts)), sum(len(encode(tok, p)) for p in prompts)
+    if tokens > 0.75 * chars:
+        warn(f"the tokenizer splits the prompts into {tokens} tokens for {chars} characters, about one per "
+             "character: it is probably broken (results would be meaningless); check tok.tokenize(prompt)")
+
+
 def setup(cfg: Config) -> dict:
     """Everything that can fail on the user's input fails here, before anything is written, and every
     check on the flags and the data comes before the model loads. Returns the source task's view
@@ -1123,8 +1188,9 @@ def setup(cfg: Config) -> dict:
     if multi and tok.eos_token_id is None:
         raise IA2Error(f"{cfg.model}'s tokenizer has no EOS token; multi-token targets end with one")
     label_ids = {n: label_tokens(tok, labels[n]) if labels[n] else None for n in tasks}
+    check_tokenizer(tok, [x for x, _ in data[cfg.task][1][:20]])
     tok, model = load_model(cfg.model, device, dtype, tok)
-    add_lora(model, r=cfg.rank, alpha=cfg.rank)
+    add_lora(model, lora_targets(cfg), r=cfg.rank, alpha=cfg.rank)
     views = {n: dict(name=n, task=TASKS[n], labels=labels[n], label_ids=label_ids[n], pool=data[n][0],
                      eval_set=data[n][1], queries=[encode(tok, x) for x, _ in data[n][1]],
                      gold=np.array([y for _, y in data[n][1]], dtype=int if labels[n] else object)) for n in tasks}
@@ -1168,7 +1234,8 @@ def evaluate(cfg: Config, E: dict, ev: dict, prompt_sets: list, slots=None, show
     return [generation_metrics(ev, texts[j * n:(j + 1) * n], show * (j == 0), tag) for j in range(len(prompt_sets))]
 
 
-OBJECTIVE = dict(sft="sft", sft_icl="sft_icl", ia2="ia2", ia2_then_sft="sft", ia2_plus_sft="ia2_plus_sft", kd="kd")
+OBJECTIVE = dict(sft="sft", sft_icl="sft_icl", ia2="ia2", ia2_then_sft="sft", ia2_then_sft_icl="sft_icl",
+                 ia2_plus_sft="ia2_plus_sft", kd="kd")
 
 
 def draw_runs(cfg: Config, E: dict) -> list:
@@ -1176,10 +1243,10 @@ def draw_runs(cfg: Config, E: dict) -> list:
     RandomState(seed + r); then the teacher once for every run's training and dev examples."""
     runs = []
     for r in range(cfg.runs):
-        train_rows, dev_rows, rest = few_shot_split(E["pool"], cfg.n_train, cfg.seed + r)
-        tr, dv = training_items(E["tok"], E["labels"], train_rows, dev_rows, cfg.seed + r)
+        train_rows, dev_rows, rest, orders = few_shot_split(E["pool"], cfg.n_train, cfg.seed + r)
+        tr, dv = training_items(E["tok"], E["labels"], train_rows, dev_rows, orders)
         runs.append(dict(r=r, train=tr, dev=dv, rest=rest))
-    if set(cfg.methods) & {"sft_icl", "ia2", "ia2_then_sft", "ia2_plus_sft", "kd"}:
+    if set(cfg.methods) - {"zero_shot", "icl", "sft"}:
         T = 1 if E["labels"] else cfg.max_new_tokens or 200  # §3: T=1 single-token, G=200 multi-token
         teacher(E["model"], [it for run in runs for it in run["train"] + run["dev"]], T, E["tok"].eos_token_id,
                 scores="kd" in cfg.methods)
@@ -1209,58 +1276,68 @@ def baselines(cfg: Config, E: dict, runs: list) -> list:
 
 
 def train_method(cfg: Config, E: dict, m: str, runs: list, ia2_states: dict, folder: str) -> list:
-    """Every (lr, run) adapter of method m, trained together, then evaluated on every eval task together
-    and saved; returns the result rows. ia2_then_sft continues each IA2 adapter of the same (lr, run)."""
-    jobs = [Job(lr, run["r"], run["train"], run["dev"], beta=cfg.beta, start=ia2_states.get((lr, run["r"])) if
-                m == "ia2_then_sft" else None) for lr in cfg.lr for run in runs]
-    train(E["model"], OBJECTIVE[m], jobs, cfg, tag=lambda job: f"{m} lr={job.lr:g} run {job.run}")
+    """Every (lr, run) adapter of method m (and β, for ia2_plus_sft), trained together, then evaluated on
+    every eval task together and saved; returns the result rows. ia2_then_sft(_icl) continues each IA2
+    adapter of the same (lr, run)."""
+    jobs = [Job(lr, run["r"], run["train"], run["dev"], beta, ia2_states.get((lr, run["r"])) if "then" in m else None)
+            for lr in cfg.lr for beta in (cfg.beta if m == "ia2_plus_sft" else [None]) for run in runs]
+    name = lambda job: f"{m} lr={job.lr:g}" + (f" β={job.beta:g}" if job.beta is not None else "") + f" run {job.run}"
+    train(E["model"], OBJECTIVE[m], jobs, cfg, tag=name)
     if m == "ia2":
         ia2_states.update({(job.lr, job.run): lora_state(E["model"], k) for k, job in enumerate(jobs)})
     if m not in cfg.methods:
-        return []  # only the IA2 phase of ia2_then_sft
+        return []  # only the IA2 phase of ia2_then_sft(_icl)
     rows = []
     for ev in E["evals"]:
         recs = evaluate(cfg, E, ev, [ev["queries"]] * len(jobs), slots=list(range(len(jobs))), show=2,
-                        tag=f"{m} lr={jobs[0].lr:g} run 0 on {ev['name']}")
+                        tag=f"{name(jobs[0])} on {ev['name']}")
         for job, rec in zip(jobs, recs):
-            rows.append(dict(task=ev["name"], method=m, lr=job.lr, run=job.run, **rec, dev_loss=job.best,
-                             steps=job.steps))
-            print(f"[{m} lr={job.lr:g} run {job.run}] {ev['name']}: acc {rec['accuracy']:.1f}" +
-                  (f" | ece {rec['ece']:.3f}" if "ece" in rec else "") + f" | best dev {job.best:.4f} | "
-                  f"{job.steps} steps")
+            rows.append(dict(task=ev["name"], method=m, lr=job.lr, beta=job.beta, run=job.run, **rec,
+                             dev_loss=job.best, steps=job.steps))
+            print(f"[{name(job)}] {ev['name']}: acc {rec['accuracy']:.1f}" + (f" | ece {rec['ece']:.3f}" if "ece" in rec
+                  else "") + f" | best dev {job.best:.4f} | {job.steps} steps")
     for k, job in enumerate(jobs):
-        save_adapter(E["model"], os.path.join(folder, "adapters", m, f"lr{job.lr:g}", f"run{job.run}"), cfg, k)
+        save_adapter(E["model"], adapter_dir(folder, m, job.lr, job.beta, job.run), cfg, k)
     return rows
 
 
+def adapter_dir(folder: str, method: str, lr: float, beta, run: int) -> str:
+    return os.path.join(folder, "adapters", method, f"lr{lr:g}" + (f"-beta{beta:g}" if beta is not None else ""),
+                        f"run{run}")
+
+
 def summarize(rows: list) -> dict:
-    """Result rows of one eval task -> per method: mean and population std (ddof=0) over runs for each
-    lr; the lr is chosen, as in the paper, by the best mean top-1 accuracy on the eval set. The lr with
-    the lowest mean dev loss is reported too. predicted: the mean % per answer (labels, then other
-    tokens); one_answer_runs: runs in which every example got the same answer."""
+    """Result rows of one eval task -> per method, the mean and population std (ddof=0) over runs of
+    each setting, (lr, β); the setting is chosen, as in the paper, by the best mean top-1 accuracy on the
+    eval set (the first of equals, as in the official code). Also the lr with the lowest mean dev loss
+    (at the chosen β: dev losses of different β are different objectives). predicted: the mean % per
+    answer (labels, then other tokens); one_answer_runs: runs in which every example got the same answer."""
     out = {}
-    for m in dict.fromkeys(x["method"] for x in rows):
-        by_lr = {}
+    for m in METHODS:
+        by = {}
         for x in rows:
             if x["method"] == m:
-                by_lr.setdefault(x["lr"], []).append({k: v for k, v in x.items() if k not in ("task", "method", "lr")})
-        keys = [k for k in METRICS if k in next(iter(by_lr.values()))[0]]
-        stats = lambda runs: dict(runs=runs, mean={k: float(np.mean([x[k] for x in runs])) for k in keys},
-                                  std={k: float(np.std([x[k] for x in runs])) for k in keys},
-                                  **({} if "predicted" not in runs[0] else dict(
-                                      predicted=np.mean([x["predicted"] for x in runs], 0).tolist(),
-                                      one_answer_runs=sum(max(x["predicted"]) == 100 for x in runs))))
-        stat = {lr: stats(runs) for lr, runs in by_lr.items()}
-        if m not in TRAINED:
-            out[m] = dict(lr=None, **stat[None])
+                by.setdefault((x["lr"], x.get("beta")), []).append({k: v for k, v in x.items() if k not in (
+                    "task", "method", "lr", "beta")})
+        if not by:
             continue
-        lr_eval = max(stat, key=lambda lr: stat[lr]["mean"]["accuracy"])
-        lr_dev = min(stat, key=lambda lr: np.mean([x["dev_loss"] for x in by_lr[lr]]))
-        out[m] = dict(stat[lr_eval], lr=lr_eval, lr_dev_selected=lr_dev,
-                      dev_selected=dict(mean=stat[lr_dev]["mean"], std=stat[lr_dev]["std"]),
-                      by_lr={f"{lr:g}": row for lr, row in stat.items()})
-        del out[m]["runs"]
+        keys = [k for k in METRICS if k in next(iter(by.values()))[0]]
+        stat = {s: dict(mean={k: float(np.mean([x[k] for x in runs])) for k in keys},
+                        std={k: float(np.std([x[k] for x in runs])) for k in keys},
+                        **({} if "predicted" not in runs[0] else dict(
+                            predicted=np.mean([x["predicted"] for x in runs], 0).tolist(),
+                            one_answer_runs=sum(max(x["predicted"]) == 100 for x in runs)))) for s, runs in by.items()}
+        best = max(by, key=lambda s: stat[s]["mean"]["accuracy"])
+        out[m] = dict(stat[best], lr=best[0], beta=best[1], runs=by[best],
+                      settings={setting_name(*s): stat[s] for s in by})
+        if m in TRAINED:
+            dev = min((s for s in by if s[1] == best[1]), key=lambda s: np.mean([x["dev_loss"] for x in by[s]]))
+            out[m]["dev_selected"] = dict(lr=dev[0], mean=stat[dev]["mean"], std=stat[dev]["std"])
     return out
+
+
+def setting_name(lr, beta=None) -> str:
+    return "–" if lr is None else f"{lr:g}" + ("" if beta is None else f", β {beta:g}")
 
 
 def majority(labels: list, gold: np.ndarray) -> dict:
@@ -1275,27 +1352,26 @@ def table(results: dict, labels, maj=None) -> str:
     pm = lambda r, k, scale="{:.1f}": (f"{scale.format(r['mean'][k])} ± {scale.format(r['std'][k])}"
                                        if k in r["mean"] else "–")
     answers = "/".join(labels + ["other"]) if labels else None
-    lines = ["| method | lr | accuracy | label acc. | ECE | ECE (equal width) | lr (dev-selected) | accuracy "
+    lines = ["| method | lr (β) | accuracy | label acc. | ECE | ECE (equal width) | lr (dev-selected) | accuracy "
              "(dev-selected) |" + (f" answers {answers} (%) |" if labels else ""), "|---" * (8 + bool(labels)) + "|"]
     if maj:
         lines.append(f"| majority class (always {maj['label']!r}) | – | {maj['accuracy']:.1f} | {maj['accuracy']:.1f} "
                      "| – | – | – | – | " + "/".join("100" if lab == maj["label"] else "0" for lab in labels) + "/0 |")
     for m in (m for m in METHODS if m in results):
         r = results[m]
-        dev = ([f"{r['lr_dev_selected']:g}", pm(r["dev_selected"], "accuracy")] if r["lr"] is not None
-               else ["–", "–"])
-        cells = ["", m, "–" if r["lr"] is None else f"{r['lr']:g}", pm(r, "accuracy"), pm(r, "label_accuracy"),
+        dev = [f"{r['dev_selected']['lr']:g}", pm(r["dev_selected"], "accuracy")] if "dev_selected" in r else ["–", "–"]
+        cells = ["", m, setting_name(r["lr"], r["beta"]), pm(r, "accuracy"), pm(r, "label_accuracy"),
                  pm(r, "ece", "{:.3f}"), pm(r, "ece_equal_width", "{:.3f}"), *dev]
         if labels:
-            runs = len(r["by_lr"][f"{r['lr']:g}"]["runs"]) if r["lr"] is not None else len(r["runs"])
+            n = len(r["runs"])
             cells.append("/".join(f"{p:.0f}" for p in r["predicted"]) + (
-                f" **one answer in {r['one_answer_runs']}/{runs} run{'s' * (runs > 1)}**" if r["one_answer_runs"]
-                else ""))
+                f" **one answer in {r['one_answer_runs']}/{n} run{'s' * (n > 1)}**" if r["one_answer_runs"] else ""))
         lines.append(" | ".join(cells + [""]).strip())
     note = ("top-1 accuracy and label accuracy in %, ECE as a fraction" if labels else
             "accuracy: exact match of the parsed answer, in %")
     return "\n".join(lines) + (f"\n\n{note}; mean ± std over runs. lr: selected on the eval set by mean accuracy, "
-                               "as the paper does; lr (dev-selected): lowest mean dev loss." + (
+                               "as the paper does (with β for ia2_plus_sft); lr (dev-selected): lowest mean dev "
+                               "loss." + (
                                    " answers: how often the top-1 token is each label or another token, mean over "
                                    "runs." if labels else ""))
 
@@ -1313,11 +1389,13 @@ def plural(n: int, word: str) -> str:
 
 def plan(cfg: Config, E: dict) -> str:
     trained = [m for m in TRAINED if m in cfg.methods]
+    per_run = len(cfg.lr) * sum(len(cfg.beta) if m == "ia2_plus_sft" else 1 for m in trained)
     evals = ", ".join(f"{len(ev['eval_set'])} {ev['name']}" for ev in E["evals"])
-    return (f"plan: {plural(cfg.runs, 'run')} x {plural(len(cfg.lr), 'lr')} x {plural(len(trained), 'trained method')}"
-            f" = {plural(cfg.runs * len(cfg.lr) * len(trained), 'adapter')} (at most {cfg.epochs} epochs each; a "
-            f"method's {cfg.runs * len(cfg.lr)} train together), evaluated on {evals} eval examples, as are "
-            "zero-shot (once) and ICL (once per run)")
+    betas = f" (ia2_plus_sft: x {plural(len(cfg.beta), 'β')})" if "ia2_plus_sft" in trained else ""
+    return (f"plan: {plural(len(trained), 'trained method')} x {plural(len(cfg.lr), 'lr')}{betas} x "
+            f"{plural(cfg.runs, 'run')} = {plural(cfg.runs * per_run, 'adapter')} (at "
+            f"most {cfg.epochs} epochs each; a method's adapters train together), evaluated on {evals} eval examples, "
+            "as are zero-shot (once) and ICL (once per run)")
 
 
 def duration(seconds: float) -> str:
@@ -1340,8 +1418,8 @@ def run_experiment(cfg: Config) -> list:
         rows += baselines(cfg, E, runs)
         timing["teacher and baselines"] = time.time() - tick
         methods, ia2_states = [m for m in TRAINED if m in cfg.methods], {}
-        if "ia2_then_sft" in methods and "ia2" not in methods:
-            methods.insert(methods.index("ia2_then_sft"), "ia2")  # its first phase, not reported
+        if "ia2" not in methods and {"ia2_then_sft", "ia2_then_sft_icl"} & set(methods):
+            methods.insert(methods.index(next(m for m in methods if "then" in m)), "ia2")  # not reported
         for i, m in enumerate(methods):
             tick = time.time()
             rows += train_method(cfg, E, m, runs, ia2_states, tmp)

@@ -70,7 +70,8 @@ def items(tok, n=4, seed=0):
     out = []
     for y in rng.randint(0, 2, n):
         x = ia2.encode(tok, f"Text:{sentence(rng, y)}\nLabel:")
-        out.append(dict(x=x, y=int(y), y_ids=[10 + int(y)], icl=x, y_icl=[int(rng.randint(5, 50))],
+        y_icl = [int(rng.randint(5, 50))]
+        out.append(dict(x=x, y=int(y), y_ids=[10 + int(y)], icl=x, y_icl=y_icl, y_out=y_icl,
                         A_icl=torch.randn(2, 1, 32), logp_icl=torch.randn(1, len(tok)).log_softmax(-1)))
     return out
 
@@ -82,6 +83,7 @@ def multi_items(tok, n=4, seed=0):
         x = ia2.encode(tok, f"Question:{sentence(rng, k % 2)}?\nAnswer:")
         y_ids, y_icl = list(rng.randint(2, 250, 2 + k)), list(rng.randint(2, 250, 5 - k))
         out.append(dict(x=x, y="", y_ids=[int(t) for t in y_ids] + [1], icl=x, y_icl=[int(t) for t in y_icl],
+                        y_out=[int(t) for t in y_icl][:3 - k % 2] + [1],
                         A_icl=torch.randn(2, len(y_icl), 32),
                         logp_icl=torch.randn(len(y_icl), len(tok)).log_softmax(-1)))
     return out
@@ -209,7 +211,7 @@ def test_hooks_and_forward_on_other_families(arch):
     torch.testing.assert_close(last[0, :, 0], torch.stack([x[0, -1] for x in acts]))
     # the cached, left-padded rollout (Gemma: past its sliding window of 4) equals the uncached one
     prompts = [ids[0].tolist(), ids[0, :3].tolist()]
-    for p, o in zip(prompts, ia2.generate(m, prompts, 6, -1, capture=True, scores=True)):
+    for p, o in zip(prompts, ia2.generate(m, prompts, 6, set(), capture=True, scores=True)):
         toks, a, logp = uncached_rollout(m, p, 6, eos=-1)
         assert o["tokens"] == toks
         torch.testing.assert_close(o["acts"], a, atol=1e-5, rtol=1e-4)
@@ -324,7 +326,7 @@ def test_batched_generation_equals_batch_size_one(model):
     hook = m.model.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["position_ids"].clone()),
                                              with_kwargs=True)
     try:
-        batched = ia2.generate(m, prompts, 10, -1, capture=True)
+        batched = ia2.generate(m, prompts, 10, set(), capture=True)
     finally:
         hook.remove()
     R = max(map(len, prompts))
@@ -332,11 +334,11 @@ def test_batched_generation_equals_batch_size_one(model):
         assert seen[0][i, R - len(p):].tolist() == list(range(len(p)))
         assert [int(s[i, 0]) for s in seen[1:]] == list(range(len(p), len(p) + len(seen) - 1))
     for p, b in zip(prompts, batched):
-        alone = ia2.generate(m, [p], 10, -1, capture=True)[0]
+        alone = ia2.generate(m, [p], 10, set(), capture=True)[0]
         assert b["tokens"] == alone["tokens"]
         torch.testing.assert_close(b["acts"], alone["acts"], atol=1e-5, rtol=1e-4)
     stop_tok = batched[0]["tokens"][3]  # stop(tokens) ends a row right after the token that makes it true
-    stopped = ia2.generate(m, prompts, 10, -1, stop=lambda ids: ids[-1] == stop_tok)
+    stopped = ia2.generate(m, prompts, 10, set(), stop=lambda ids: ids[-1] == stop_tok)
     for s, b in zip(stopped, batched):
         assert s["tokens"] == b["tokens"][:b["tokens"].index(stop_tok) + 1 if stop_tok in b["tokens"] else 10]
     texts = ia2.generate_texts(m, tok, prompts, 10)
@@ -366,6 +368,60 @@ def test_batched_generation_equals_batch_size_one(model):
 ])
 def test_answer_parsing(task, text, expected):
     assert ia2.parse_answer(task, text) == expected
+
+
+@pytest.mark.parametrize("task, generation, gold, official, ours", [
+    # (official: the decision of the official utils.py parse_answer_gsm8k / parse_answer_boxed, run on these strings)
+    ("gsm8k", "She had 5 apples in 2020", "#### 5", True, True),  # a trailing year is not the answer
+    ("gsm8k", "Total cost $30 for 2 hours", "#### 30", True, True),  # a $ amount before the last number
+    ("gsm8k", "He paid $1,200 in 2019.", "#### 1200", True, True),
+    ("hmath_algebra", "$\\boxed{\\frac{1}{2}}$", "$\\boxed{\\dfrac{1}{2}}$", True, True),  # \dfrac is \frac
+    ("hmath_algebra", "$\\boxed{\\dfrac{1}{2}}$", "$\\boxed{\\frac{1}{2}}$", True, True),
+    # where ours deliberately decides otherwise (README, Deviations): the official decision is wrong
+    ("gsm8k", "It costs 3 dollars each and the discount is 0.25", "#### 0.25", False, True),  # units outrank
+    ("gsm8k", "#### 5", "#### -5", True, False),  # the official drops signs
+    ("gsm8k", "Answer: 10 apples. Then the answer is 12", "#### 12", False, True),  # "Answer:" outranks
+    ("gsm8k", "The answer for 3 days is 21", "#### 21", False, True),  # "answer " catches 3
+    ("gsm8k", "0.75 of the cake", "#### 0.75", False, True),  # numbers in (0, 1) skipped: the whole text
+    ("gsm8k", "The total is 2,000", "#### 2000", False, True),  # only a "year": the whole text
+    ("gsm8k", "\\boxed{x} so\n#### 7", "#### 7", False, True),  # a box without a number ends the search
+    ("gsm8k", "Result: 8 weeks, 56 days", "#### 56", False, True),
+    ("hmath_algebra", "\\boxed{3} or \\boxed{4}", "$\\boxed{4}$", False, True),  # from the first box to the
+    ("hmath_algebra", "$\\boxed{5}$ and $x^{2}$", "$\\boxed{5}$", False, True),  # line's last "}"
+    ("hmath_algebra", "\\boxed{5}\\boxed{6}", "\\boxed{6}", False, True),
+    ("hmath_algebra", "\\boxed{2}", "$x=\\boxed{2}$\nand $y=\\boxed{3}$", True, False),  # first vs last box
+])
+def test_exact_match_decisions_against_the_official_parser(task, generation, gold, official, ours):
+    pred, ref = ia2.parse_answer(task, generation), ia2.parse_answer(task, gold)
+    assert (pred is not None and pred == ref) == ours
+    assert ours == official or (task, generation) in DELIBERATE
+
+
+DELIBERATE = {("gsm8k", "It costs 3 dollars each and the discount is 0.25"), ("gsm8k", "#### 5"),
+              ("gsm8k", "Answer: 10 apples. Then the answer is 12"), ("gsm8k", "The answer for 3 days is 21"),
+              ("gsm8k", "0.75 of the cake"), ("gsm8k", "The total is 2,000"), ("gsm8k", "\\boxed{x} so\n#### 7"),
+              ("gsm8k", "Result: 8 weeks, 56 days"), ("hmath_algebra", "\\boxed{3} or \\boxed{4}"),
+              ("hmath_algebra", "$\\boxed{5}$ and $x^{2}$"), ("hmath_algebra", "\\boxed{5}\\boxed{6}"),
+              ("hmath_algebra", "\\boxed{2}")}
+
+
+@pytest.mark.parametrize("tokens, T, expected", [  # the official collect_icl_outputs, run (tokenizer EOS 2;
+    ([5, 6, 2], 5, [5, 6, 2]), ([5, 6, 7], 3, [5, 6, 7]),  # 9: an EOS of the generation_config only)
+    ([5, 6, 9, 4, 2], 5, [5, 6, 9, 2]), ([2], 5, [2])])
+def test_icl_outputs_stop_at_every_generation_eos(tokens, T, expected):
+    assert ia2.icl_output(tokens, T, {2, 9}, 2) == expected
+
+
+def test_generation_stops_at_every_eos_of_the_generation_config(model):
+    tok, m = model
+    prompts = [ia2.encode(tok, f"Text:{'very ' * k}good film\nLabel:") for k in range(3)]
+    every = set(range(len(tok)))
+    assert [o["tokens"] for o in ia2.generate(m, prompts, 8, every)] == [
+        o["tokens"][:1] for o in ia2.generate(m, prompts, 8, set())]  # every id an EOS: one token each
+    free = [o["tokens"] for o in ia2.generate(m, prompts, 8, set())]
+    m.generation_config.eos_token_id = [1, free[0][2]]  # a second EOS, as Llama-3 Instruct and Qwen3 have
+    texts = ia2.generate_texts(m, tok, prompts[:1], 8)
+    assert texts == [tok.decode(free[0][:3], skip_special_tokens=True).split("\n\n")[0]]
 
 
 # -----------------------------------------------------------------------------
@@ -476,6 +532,10 @@ def test_best_dev_checkpoint_is_restored(model, capsys):
     assert devs[-1] > min(devs) and best == pytest.approx(min(devs), abs=1e-4)
     # the adapter left in the model is the best one, not the last one
     assert ia2.objective_loss(m, "sft", dv).mean().item() == pytest.approx(best, abs=1e-6)
+    ia2.train(m, "sft", [ia2.Job(3e-1, 0, tr, dv)], ia2.Config(n_train=4, epochs=30, patience=3, restore="last"), str)
+    last = [float(line.split("dev ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "| dev" in line]
+    assert last == devs  # the same training; --restore last keeps its last adapter, as the official code does
+    assert ia2.objective_loss(m, "sft", dv).mean().item() == pytest.approx(last[-1], abs=1e-4)
 
 
 def test_ece_known_answers():
@@ -540,7 +600,7 @@ HUB_FAKES = {  # per task: a Hub record i of `split` with the Hub dataset's colu
 @pytest.mark.parametrize("name", list(ia2.TASKS))
 def test_hub_task_loaders_read_their_columns(monkeypatch, name):
     """Each task without --data: its Hub id, config and splits, read from a fake local dataset with the
-    Hub dataset's columns; the template, label mapping, filtering and splitting of spec §6."""
+    Hub dataset's columns; the template, label mapping, filtering and splitting of the paper's App. A."""
     import re
     import datasets
     make, expect = HUB_FAKES[name]
@@ -574,15 +634,60 @@ def test_hub_task_loaders_read_their_columns(monkeypatch, name):
         assert [x for x, _ in pool] == [f"Text:{t}\nLabel:" for t in ref]
 
 
+def test_loaders_order_their_records_as_the_official_ones(monkeypatch):
+    """Known answers from the official prepare_data.py run on the same fake splits: sciq_remap's option order
+    (one generator through the 2000 kept pool records, then the eval set), strategytf's second shuffle after
+    the split, poems filtered before it is shuffled."""
+    import datasets
+    fake = {("allenai/sciq", "train"): [dict(question=f"q{i}", distractor1="d1", distractor2="d2", distractor3="d3",
+                                              correct_answer="C", support="") for i in range(2100)],
+            ("allenai/sciq", "validation"): [dict(question=f"v{i}", distractor1="d1", distractor2="d2",
+                                                   distractor3="d3", correct_answer="C", support="") for i in range(600)],
+            ("wics/strategy-qa", "test"): [dict(question=f"sq{i}", answer=bool(i % 2)) for i in range(40)],
+            ("google-research-datasets/poem_sentiment", "train"): [dict(verse_text=f"p{i}", label=i % 4)
+                                                                   for i in range(40)]}
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda hub, config=None, split=None: datasets.Dataset.from_list(fake[hub, split]))
+    pool, ev = ia2.load_task(ia2.Config(eval_size=500, pool_size=2000), "sciq_remap", ia2.SLOTS[:4])
+    slots = lambda x: " ".join(re.findall(r"\]([^\n]*)\n", x))
+    assert [slots(x) for x, _ in pool[:5]] == ["C d1 d2 d3", "d2 d1 C d3", "d3 d2 d1 C", "d1 d2 d3 C", "C d3 d2 d1"]
+    assert [ia2.SLOTS[y] for _, y in pool[:10]] == ["apple", "banana", "Saturday", "Saturday", "apple", "Saturday",
+                                                     "apple", "Saturday", "banana", "banana"]
+    assert [slots(x) for x, _ in ev[:3]] == ["d2 C d3 d1", "d2 C d1 d3", "d2 C d1 d3"]
+    assert [ia2.SLOTS[y] for _, y in ev[:10]] == ["Friday", "Friday", "Friday", "Saturday", "Friday", "banana",
+                                                   "apple", "apple", "banana", "Saturday"]
+    ids = lambda rows: [int(re.search(r"(\d+)\n", x).group(1)) for x, _ in rows]
+    pool, ev = ia2.load_task(ia2.Config(eval_size=10), "strategytf", ["0", "1"])
+    assert ids(pool) == [15, 31, 5, 22, 36, 23, 37, 11, 19, 21, 6, 29, 28, 16, 26, 18, 32, 27, 30, 9, 35, 20, 10, 0,
+                         39, 4, 3, 7, 24, 25] and ids(ev) == [2, 33, 17, 1, 14, 12, 38, 8, 34, 13]
+    _, ev = ia2.load_task(ia2.Config(eval_size=500), "poems", ["0", "1"])
+    assert ids(ev) == [29, 17, 28, 13, 24, 20, 12, 37, 5, 0, 32, 9, 21, 36, 4, 8, 33, 1, 25, 16]
+
+
+@pytest.mark.parametrize("pool_size, n, r, train, dev, orders", [  # the official create_training_datasets.py, run
+    (30, 4, 0, [2, 28, 13, 10], [26, 24], [[2, 3, 1], [3, 2, 0], [0, 3, 1], [0, 1, 2]]),
+    (30, 8, 0, [2, 28, 13, 10, 26, 24, 27, 11], [17, 22, 5, 16],
+     [[5, 6, 2, 7, 4, 3, 1], [5, 2, 0, 3, 7, 4, 6], [6, 5, 3, 4, 0, 7, 1], [1, 5, 0, 6, 2, 7, 4],
+      [2, 6, 3, 1, 5, 7, 0], [2, 6, 7, 3, 1, 4, 0], [4, 5, 3, 1, 0, 7, 2], [5, 0, 4, 2, 3, 6, 1]]),
+    (2000, 4, 1, [674, 1699, 1282, 1315], [1210, 1636], [[2, 1, 3], [2, 0, 3], [0, 1, 3], [2, 1, 0]]),
+])
+def test_split_and_demo_order_are_the_official_ones(pool_size, n, r, train, dev, orders):
+    """The official code keeps one RandomState(r): it permutes the pool, then shuffles each query's list of
+    the other N-1 training indices. The expected values come from running its lines 75-179."""
+    pool = [(f"x{i}", i) for i in range(pool_size)]
+    tr, dv, _, got = ia2.few_shot_split(pool, n, r)
+    assert [i for _, i in tr] == train and [i for _, i in dv] == dev and got == orders
+
+
 def test_few_shot_protocol(model):
     tok, _ = model
     pool = [(f"the film number {i}", i % 2) for i in range(40)]
-    tr, dv, rest = ia2.few_shot_split(pool, 8, seed=3)
+    tr, dv, rest, orders = ia2.few_shot_split(pool, 8, seed=3)
     assert (len(tr), len(dv), len(rest)) == (8, 4, 28)
     assert not {t for t, _ in tr} & {t for t, _ in dv + rest} and not {t for t, _ in dv} & {t for t, _ in rest}
-    assert ia2.few_shot_split(pool, 8, seed=3) == (tr, dv, rest)  # RandomState(r): the same draw every time
+    assert ia2.few_shot_split(pool, 8, seed=3) == (tr, dv, rest, orders)  # RandomState(r): the same draw every time
     tr_items, dv_items = ia2.training_items(tok, ["0", "1"], [(f"Text:{t}\nLabel:", y) for t, y in tr],
-                                            [(f"Text:{t}\nLabel:", y) for t, y in dv], seed=3)
+                                            [(f"Text:{t}\nLabel:", y) for t, y in dv], orders)
     for it, (t, y) in zip(tr_items, tr):
         prompt = tok.decode(it["icl"])
         assert prompt.count("Label:") == 8 and prompt.endswith(f"Text:{t}\nLabel:")  # N-1 demos + query
@@ -614,9 +719,10 @@ def test_cli_end_to_end_and_reproducible(tiny):
     res = json.loads((out / "results.json").read_text())["methods"]
     assert set(res) == set(ia2.METHODS) - {"kd"}  # kd only when named
     for m in ia2.TRAINED[:-1]:
-        assert len(res[m]["by_lr"]) == 2 and set(res[m]["mean"]) == set(ia2.METRICS)
-        assert res[m]["lr"] in (1e-3, 1e-2) and len(res[m]["by_lr"]["0.001"]["runs"]) == 2
-        assert (out / "adapters" / m / "lr0.01" / "run1" / "adapter_model.safetensors").exists()
+        assert len(res[m]["settings"]) == 2 * (1 + 3 * (m == "ia2_plus_sft")) and set(res[m]["mean"]) == set(ia2.METRICS)
+        assert res[m]["lr"] in (1e-3, 1e-2) and len(res[m]["runs"]) == 2 and "0.001" in str(res[m]["settings"])
+        beta = 0.7 if m == "ia2_plus_sft" else None  # the default β grid: 0.1 0.5 0.7 0.9
+        assert os.path.exists(os.path.join(ia2.adapter_dir(str(out), m, 1e-2, beta, 1), "adapter_model.safetensors"))
     assert "| ia2_then_sft |" in (out / "results.md").read_text() and "| ia2_then_sft |" in p.stdout
     assert json.loads((out / "config.json").read_text())["config"]["n_train"] == 4
     p2 = cli(tiny, *args, out="out2")  # the same command twice gives the same numbers on CPU
@@ -650,8 +756,10 @@ def test_cli_multi_token_and_ood(tiny):
     assert "zero_shot on gsm8ks] example 1:" in p.stdout and "(gold '" in p.stdout
     assert "## gsm8k -> gsm8ks (OOD, ICL demos from gsm8k)" in p.stdout
     p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(tiny["root"] / "gsm-out")],
-                       capture_output=True, text=True)  # eval.py's analyses are for single-token runs
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "single-token" in p.stderr
+                       capture_output=True, text=True)  # a multi-token run: the comparison over runs alone
+    assert p.returncode == 0, p.stderr
+    report = (tiny["root"] / "gsm-out" / "report.md").read_text()
+    assert "| gsm8k | icl | 1 |" in report and "| gsm8ks | sft | 1 |" in report and "gap wrt SFT" in report
 
 
 def test_cli_single_token_ood(tiny):
@@ -677,13 +785,14 @@ def test_saved_adapter_loads_in_peft(tiny):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     p = cli(tiny, "--n-train", "4", "--runs", "1", "--eval-size", "10", "--epochs", "2", "--lr", "1e-2",
-            "--methods", "sft", out="peft")
+            "--methods", "sft", "--targets", "qkv", out="peft")  # the paper's Table 7 ablation
     assert p.returncode == 0, p.stderr
     folder = str(tiny["root"] / "peft" / "adapters" / "sft" / "lr0.01" / "run0")
     ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), folder)
     tok, ours = ia2.load_model(tiny["model"], torch.device("cpu"), torch.float32)
-    ia2.add_lora(ours)
+    ia2.add_lora(ours, ("q_proj", "k_proj", "v_proj"))
     w = load_file(folder + "/adapter_model.safetensors")
+    assert {k.split(".")[-3] for k in w} == {"q_proj", "k_proj", "v_proj"}
     ia2.load_lora_state(ours, {n: (w[f"base_model.model.{n}.lora_A.weight"], w[f"base_model.model.{n}.lora_B.weight"])
                                for n in ia2.lora_modules(ours)})
     assert any(t.abs().sum() > 0 for k, t in w.items() if "lora_B" in k)
@@ -812,12 +921,27 @@ def test_tables_show_the_majority_class_and_what_each_method_answers(tiny):
     assert "| 5/95/0 **one answer in 1/2 runs** |" in text  # ia2 at its selected lr, 1e-3
 
 
+def test_a_tokenizer_that_reads_one_character_at_a_time_is_warned_about(model, capsys):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tk.train_from_iterator(["Text:good\nLabel:1"], trainers.BpeTrainer(vocab_size=len(alphabet) + 1,
+                                                                       initial_alphabet=alphabet))  # no merges
+    prompts = ["Text:the film was very good\nLabel:", "Text:a dull plot\nLabel:"]
+    ia2.check_tokenizer(PreTrainedTokenizerFast(tokenizer_object=tk), prompts)
+    assert "about one per character" in capsys.readouterr().err
+    ia2.check_tokenizer(model[0], prompts)  # a working BPE: silent
+    assert capsys.readouterr().err == ""
+
+
 def test_plan_estimate_epochs_cap_and_flag_messages(tiny):
     p = cli(tiny, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--epochs", "1", "--lr", "1e-3",
             "--methods", "zero_shot", "sft", "ia2", out="plan")
     assert p.returncode == 0, p.stderr
-    assert ("plan: 2 runs x 1 lr x 2 trained methods = 4 adapters (at most 1 epochs each; a method's 2 train "
-            "together), evaluated on 10 sst2") in p.stdout
+    assert ("plan: 2 trained methods x 1 lr x 2 runs = 4 adapters (at most 1 epochs each; a method's adapters "
+            "train together), evaluated on 10 sst2") in p.stdout
     assert p.stdout.index("plan:") < p.stdout.index("[sft lr=0.001 run 0] ep 0")
     assert p.stdout.count("estimate: sft's 2 adapters took") == 1
     assert "[sft lr=0.001 run 0] note: stopped by the --epochs 1 cap, not by early stopping" in p.stdout
@@ -825,7 +949,9 @@ def test_plan_estimate_epochs_cap_and_flag_messages(tiny):
     assert md.startswith("# sst2, ") and ", 2 runs\n" in md and "majority class (always" in md
     assert "multi-token" not in md and "top-1 accuracy and label accuracy in %" in md
     for args, message in ((["--n-train", "1"], "--n-train 1: must be >= 2"), (["--lr", "1e-3", "0"], "--lr 0.0: must be > 0"),
-                          (["--beta", "2"], "--beta 2.0: must be in [0, 1]"), (["--runs", "0"], "--runs 0: must be >= 1")):
+                          (["--beta", "0.5", "2"], "--beta 2.0: must be in [0, 1]"), (["--runs", "0"], "--runs 0: must be >= 1"),
+                          (["--targets", "qx"], "--targets qx: must be letters of qkvo"),
+                          (["--restore", "first"], "--restore first: must be best or last")):
         p = cli(tiny, *args, out="never")
         assert p.returncode == 2 and p.stderr.strip() == f"ia2.py: error: {message}", p.stderr
 
@@ -871,7 +997,7 @@ def test_ctrl_c_keeps_finished_adapters_and_results_in_partial(tiny):
     assert f"interrupted; the adapters and results finished so far are in {out}.partial/" in stderr
     assert not out.exists() and first.exists()
     res = json.loads((out.parent / "sigint.partial" / "results.json").read_text())
-    assert res["interrupted"] and res["methods"]["sft"]["by_lr"]["0.001"]["runs"][0]["run"] == 0
+    assert res["interrupted"] and res["methods"]["sft"]["runs"][0]["run"] == 0
     assert "(interrupted" in (out.parent / "sigint.partial" / "results.md").read_text()
 
 
@@ -918,6 +1044,22 @@ def test_subspace_overlap_identical_orthogonal_and_against_full_svd():
     assert ev.overlap(ev.lora_basis(A, B1), ev.lora_basis(A, B2)) == pytest.approx(0.0, abs=1e-12)
     half = torch.cat([B1[:, :2], B2[:, :2]], 1)  # shares 2 of 4 directions with B1
     assert ev.overlap(ev.lora_basis(A, B1), ev.lora_basis(A, half)) == pytest.approx(0.5)
+
+
+def test_sign_flip_p_and_the_paired_comparison():
+    import eval as ev
+    assert ev.sign_flip_p([1, 2, 3, 4, 5]) == pytest.approx(2 / 32)  # only all + and all - reach a mean of 3
+    assert ev.sign_flip_p([2, 1]) == pytest.approx(0.5)  # means 1.5, 0.5, -0.5, -1.5: two reach 1.5
+    assert ev.sign_flip_p([1, -1]) == 1.0 and ev.sign_flip_p([3, -1, -1]) == pytest.approx(1.0)
+    run = lambda r, acc, ece: dict(run=r, accuracy=acc, ece=ece)
+    method = lambda runs: dict(mean=dict(accuracy=float(np.mean([x["accuracy"] for x in runs]))), runs=runs)
+    res = dict(config_task="sst2", ood={}, methods=dict(
+        icl=method([run(0, 60, .1), run(1, 62, .1)]), sft=method([run(1, 50, .3), run(0, 55, .2)]),
+        ia2_then_sft=method([run(0, 70, .1), run(1, 71, .2)])))
+    text = ev.comparison(res)
+    assert "| sst2 | 61.0 | 52.5 | – | 70.5 | +9.5 | +18.0 |" in text  # Table 5: means and gaps
+    assert "| sst2 | sft | 2 | +18.0 | 0.500 | -0.100 | 0.500 |" in text  # run 0: +15, -.1; run 1: +21, -.1
+    assert "| sst2 | icl | 2 | +9.5 | 0.500 | +0.050 | 1.000 |" in text  # ECE: 0 and +.1, every flip ties
 
 
 def test_reliability_bins_are_the_ece_bins():
