@@ -87,13 +87,13 @@ def rollout_speed(model, tok, pool, labels, n_demos, n_prompts, Ts=(32, 64, 128,
     print(f"\nsame {max(Ts)} tokens: {same}; largest |difference| of the activations (L, T, D): {diff:.1e}")
 
 
-def grid_speed(cfg, E, K, queries, repeats):
+def grid_speed(S, K, queries, repeats):
     """1 adapter vs K adapters at once: a training step, a dev check, evaluating every adapter."""
-    model, device = E["model"], E["model"].device
-    runs = ia2.draw_runs(cfg, E)  # every run's split and the teacher (T=1) on its training and dev examples
+    cfg, model, device = S.cfg, S.model, S.model.device
+    runs = ia2.draw_runs(S)  # every run's split and the teacher (T=1) on its training and dev examples
     items = [it for run in runs for it in run["train"] + run["dev"]]
     rows = [("teacher forward, all runs' training and dev examples",
-             timed(lambda: ia2.teacher(model, items, 1, E["tok"].eos_token_id), repeats, device))]
+             timed(lambda: ia2.teacher(model, items, 1, S.tok.eos_token_id), repeats, device))]
     bs = min(cfg.batch_size, cfg.n_train)
     for k in (1, K):
         jobs = [ia2.Job(cfg.lr[0], runs[j % len(runs)]["r"], runs[j % len(runs)]["train"], runs[j % len(runs)]["dev"],
@@ -110,7 +110,7 @@ def grid_speed(cfg, E, K, queries, repeats):
                          timed(lambda: ia2.dev_losses(model, objective, list(enumerate(jobs))), repeats, device)))
         slots = [j for j in range(k) for _ in queries]
         rows.append((f"evaluate {k} adapter(s) x {len(queries)} queries",
-                     timed(lambda: ia2.predict(model, queries * k, E["label_ids"], slots), max(1, repeats // 5),
+                     timed(lambda: ia2.predict(model, queries * k, S.task.label_ids, slots), max(1, repeats // 5),
                            device)))
     return rows
 
@@ -129,12 +129,12 @@ def main():
     p.add_argument("--prompts", type=int, default=2, help="--rollout: prompts timed")
     a = p.parse_args()
     cfg = ia2.Config(model=a.model, data=(a.data,), n_train=a.n_train, runs=5, eval_size=a.queries, device=a.device)
-    E = ia2.setup(cfg)
+    S = ia2.setup(cfg)
     if a.rollout:
-        return rollout_speed(E["model"], E["tok"], E["pool"], E["labels"], a.demos, a.prompts)
-    rows = grid_speed(cfg, E, a.jobs, E["queries"], a.repeats)
-    name = torch.cuda.get_device_name() if E["model"].device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{a.model}, {name}, {E['model'].dtype}, N={cfg.n_train}, mean of {a.repeats}\n")
+        return rollout_speed(S.model, S.tok, S.task.pool, S.task.labels, a.demos, a.prompts)
+    rows = grid_speed(S, a.jobs, S.task.queries, a.repeats)
+    name = torch.cuda.get_device_name() if S.model.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{a.model}, {name}, {S.model.dtype}, N={cfg.n_train}, mean of {a.repeats}\n")
     print("| what | ms |\n|---|---|")
     for what, t in rows:
         print(f"| {what} | {1000 * t:.0f} |")

@@ -112,7 +112,9 @@ def load_folder(folder: str):
         meta = json.load(f)
     with open(os.path.join(folder, "results.json")) as f:
         results = json.load(f)
-    return meta, results, meta["labels"] is not None and "methods" in results
+    if "summary" not in results:
+        raise ia2.IA2Error(f"{folder}: written by an older ia2.py (no summary in results.json); run it again")
+    return meta, results, meta["labels"] is not None and meta["config"]["task"] in results["summary"]
 
 
 def adapter_folder(folder: str, results: dict, method: str, run: int) -> str:
@@ -135,7 +137,7 @@ def sign_flip_p(diffs) -> float:
 def comparison(results: dict) -> str:
     """For each eval task: Table 5's columns (means; gap = IA2→SFT minus ICL, minus SFT) and Table 8's
     paired differences over the runs, each method at the setting ia2.py selected."""
-    tables = {**({results["config_task"]: results["methods"]} if "methods" in results else {}), **results["ood"]}
+    tables = results["summary"]
     lines = ["## IA2→SFT against ICL and SFT, run by run (Tables 5 and 8)\n",
              "| eval task | ICL | SFT | IA2 only | IA2→SFT | gap wrt ICL | gap wrt SFT |", "|---|---|---|---|---|---|---|"]
     mean = lambda r, m: f"{r[m]['mean']['accuracy']:.1f}" if m in r else "–"
@@ -165,21 +167,21 @@ def comparison(results: dict) -> str:
 def analyse(folder: str, device: str, n_asim: int) -> dict:
     """Everything measured on one run folder, as a JSON-able dict (saved as analysis.json)."""
     meta, all_results, _ = load_folder(folder)
-    results = all_results["methods"]
+    results = all_results["summary"][meta["config"]["task"]]
     cfg = ia2.Config(**{**meta["config"], "device": device})
-    E = ia2.setup(cfg)
-    model, tok, k = E["model"], E["tok"], min(n_asim, len(E["queries"]))
-    evaluate = lambda seqs: ia2.predict(model, seqs, E["label_ids"])
-    out = dict(model=cfg.model, task=cfg.task, data=cfg.data, labels=E["labels"], n_train=cfg.n_train,
+    S = ia2.setup(cfg)
+    model, tok, T, k = S.model, S.tok, S.task, min(n_asim, len(S.task.queries))
+    evaluate = lambda seqs: ia2.predict(model, seqs, T.label_ids)
+    out = dict(model=cfg.model, task=cfg.task, data=cfg.data, labels=T.labels, n_train=cfg.n_train,
                runs=cfg.runs, layers=model.config.num_hidden_layers, asim_examples=k,
-               gold=E["gold"][:3].tolist(), majority=ia2.majority(E["labels"], E["gold"]), methods={})
+               gold=T.gold[:3].tolist(), majority=ia2.majority(T.labels, T.gold), methods={})
 
     def record(method, run, pred, acts=None, teach=None):
         entry = out["methods"].setdefault(method, dict(lr=results[method]["lr"], beta=results[method].get("beta"),
                                                        runs=[], conf=[], max_p=[],
                                                        correct=[]))
-        correct = ia2.top1_label(pred[1], tok, E["labels"]) == E["gold"]
-        row = dict(run=run, **ia2.metrics(pred, E["gold"], tok, E["labels"]))
+        correct = ia2.top1_label(pred[1], tok, T.labels) == T.gold
+        row = dict(run=run, **ia2.metrics(pred, T.gold, tok, T.labels))
         if acts is not None:
             layer_sim = asim(acts, teach).mean(0)  # (L,): mean over examples (one token each)
             row.update(asim=float(layer_sim.mean()), asim_layers=layer_sim.tolist())
@@ -192,14 +194,14 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
         entry["correct"] += correct.tolist()
 
     with ia2.lora_disabled(model):
-        zero_pred = evaluate(E["queries"]) if "zero_shot" in results else None
-        zero_acts = activations(model, E["queries"][:k])
+        zero_pred = evaluate(T.queries) if "zero_shot" in results else None
+        zero_acts = activations(model, T.queries[:k])
     if zero_pred is not None:
         record("zero_shot", 0, zero_pred)
     for r in range(cfg.runs):
         s = cfg.seed + r
-        _, _, rest, _ = ia2.few_shot_split(E["pool"], cfg.n_train, s)
-        icl = ia2.icl_eval_prompts(tok, E["labels"], rest, E["eval_set"], cfg.n_train - 1, s)
+        _, _, rest, _ = ia2.few_shot_split(T.pool, cfg.n_train, s)
+        icl = ia2.icl_eval_prompts(tok, T.labels, rest, T.eval_set, cfg.n_train - 1, s)
         with ia2.lora_disabled(model):
             teach = activations(model, icl[:k])  # the teacher: the base model with N-1 demos
             if "icl" in results:
@@ -207,7 +209,7 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
         out.setdefault("zero_shot_asim_runs", []).append(asim(zero_acts, teach).mean(0).tolist())
         for m in [m for m in ia2.TRAINED if m in results]:
             ia2.load_adapter(model, adapter_folder(folder, results, m, r))
-            record(m, r, evaluate(E["queries"]), activations(model, E["queries"][:k]), teach)
+            record(m, r, evaluate(T.queries), activations(model, T.queries[:k]), teach)
             print(f"[{os.path.basename(folder)} run {r}] {m}: acc {out['methods'][m]['runs'][-1]['accuracy']:.1f}"
                   f" asim {out['methods'][m]['runs'][-1]['asim']:.3f}")
     trained = [m for m in ia2.TRAINED if m in results]
@@ -420,7 +422,6 @@ def run(folders: list, out: str, device: str, n_asim: int):
             raise ia2.IA2Error("eval.py draws figures with matplotlib: pip install -r requirements-dev.txt")
     analyses = []
     for folder, (meta, results, ok) in loaded.items():
-        results["config_task"] = meta["config"]["task"]
         compare = comparison(results)
         if not ok:  # a multi-token (or only OOD-evaluated) run: the comparison alone
             write(os.path.join(folder, "report.md"), f"# Analysis: {folder}\n\n{compare}")

@@ -60,8 +60,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture
 def model(tiny):
-    tok, m = ia2.load_model(tiny["model"], torch.device("cpu"), torch.float32)
-    return tok, m
+    tok = ia2.load_tokenizer(tiny["model"])
+    return tok, ia2.load_model(tiny["model"], tok, torch.device("cpu"), torch.float32)
 
 
 def items(tok, n=4, seed=0):
@@ -716,7 +716,7 @@ def test_cli_end_to_end_and_reproducible(tiny):
     p = cli(tiny, *args)
     assert p.returncode == 0, p.stderr
     out = tiny["root"] / "out"
-    res = json.loads((out / "results.json").read_text())["methods"]
+    res = json.loads((out / "results.json").read_text())["summary"]["sst2"]
     assert set(res) == set(ia2.METHODS) - {"kd"}  # kd only when named
     for m in ia2.TRAINED[:-1]:
         assert len(res[m]["settings"]) == 2 * (1 + 3 * (m == "ia2_plus_sft")) and set(res[m]["mean"]) == set(ia2.METRICS)
@@ -727,7 +727,7 @@ def test_cli_end_to_end_and_reproducible(tiny):
     assert json.loads((out / "config.json").read_text())["config"]["n_train"] == 4
     p2 = cli(tiny, *args, out="out2")  # the same command twice gives the same numbers on CPU
     assert p2.returncode == 0, p2.stderr
-    assert json.loads((tiny["root"] / "out2" / "results.json").read_text())["methods"] == res
+    assert json.loads((tiny["root"] / "out2" / "results.json").read_text())["summary"]["sst2"] == res
 
 
 def write_jsonl(path, rows):
@@ -749,7 +749,7 @@ def test_cli_multi_token_and_ood(tiny):
                         "--out", str(tiny["root"] / "gsm-out")], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     res = json.loads((tiny["root"] / "gsm-out" / "results.json").read_text())
-    for r in (res["methods"], res["ood"]["gsm8ks"]):
+    for r in (res["summary"]["gsm8k"], res["summary"]["gsm8ks"]):
         assert set(r) == set(ia2.METHODS)
         assert all(set(r[m]["mean"]) == {"accuracy"} for m in r)  # no ECE for generation tasks
     assert "teacher: 6 tokens per rollout" in p.stdout  # no EOS from a random model: T' = T
@@ -770,8 +770,8 @@ def test_cli_single_token_ood(tiny):
             "--methods", "zero_shot", "icl", "ia2", "kd", out="ood")
     assert p.returncode == 0, p.stderr
     res = json.loads((tiny["root"] / "ood" / "results.json").read_text())
-    assert set(res["ood"]) == {"finsen"} and set(res["ood"]["finsen"]) == {"zero_shot", "icl", "ia2", "kd"}
-    assert set(res["ood"]["finsen"]["kd"]["mean"]) == set(ia2.METRICS)
+    assert set(res["summary"]) == {"sst2", "finsen"} and set(res["summary"]["finsen"]) == {"zero_shot", "icl", "ia2", "kd"}
+    assert set(res["summary"]["finsen"]["kd"]["mean"]) == set(ia2.METRICS)
     assert json.loads((tiny["root"] / "ood" / "config.json").read_text())["eval_size"] == {"sst2": 10, "finsen": 6}
 
 
@@ -789,7 +789,8 @@ def test_saved_adapter_loads_in_peft(tiny):
     assert p.returncode == 0, p.stderr
     folder = str(tiny["root"] / "peft" / "adapters" / "sft" / "lr0.01" / "run0")
     ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), folder)
-    tok, ours = ia2.load_model(tiny["model"], torch.device("cpu"), torch.float32)
+    tok = ia2.load_tokenizer(tiny["model"])
+    ours = ia2.load_model(tiny["model"], tok, torch.device("cpu"), torch.float32)
     ia2.add_lora(ours, ("q_proj", "k_proj", "v_proj"))
     w = load_file(folder + "/adapter_model.safetensors")
     assert {k.split(".")[-3] for k in w} == {"q_proj", "k_proj", "v_proj"}
@@ -802,22 +803,22 @@ def test_saved_adapter_loads_in_peft(tiny):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--task", "nope"], "unknown task"),
-    (["--methods", "sft", "magic"], "unknown method"),
+    (["--task", "nope"], "--task nope: must be a task with training data"),
+    (["--methods", "sft", "magic"], "--methods magic: must be one of zero_shot"),
     (["--model", "/no/such/model"], "cannot load model"),
-    (["--data", "/no/such.csv"], "data file not found"),
-    (["--data", "BADCOLS"], "needs columns 'text' and 'label'"),
+    (["--data", "/no/such.csv"], "--data /no/such.csv: no such file"),
+    (["--data", "BADCOLS"], "BADCOLS.csv needs columns 'text', 'label', found 'sentence', 'y'"),
     (["--data", "BADLABEL"], "row 2: label 'pos' is neither a label string"),
     (["--labels", "0", "zqxv"], "label 'zqxv' is"),
     (["--n-train", "60"], "needs 149 pool examples"),
     (["--device", "cuda"], "no CUDA"),
     (["--task", "gsm8k", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
-    (["--task", "poems"], "evaluation-only task"),
-    (["--eval-tasks", "sst2", "nope"], "unknown task 'nope'"),
-    (["--eval-tasks", "gsm8k"], "all single-token or all multi-token"),
+    (["--task", "poems"], "--task poems: must be a task with training data"),
+    (["--eval-tasks", "sst2", "nope"], "--eval-tasks nope: must be a task of --list-tasks"),
+    (["--eval-tasks", "gsm8k"], "sst2 is a single-token task, so must the eval tasks be"),
     (["--task", "gsm8k", "--labels", "a", "b"], "--labels is for single-token tasks"),
     (["--data", "agnews=x.csv"], "agnews is neither --task nor one of --eval-tasks"),
-    (["--task", "gsm8k", "--data", "BADANSWER"], "bad.jsonl, row 1: the answer must be text, got 5"),
+    (["--task", "gsm8k", "--data", "BADANSWER"], "bad.jsonl, row 1: 'answer' must be text, got 5"),
 ])
 def test_bad_input_one_line_and_nothing_written(tiny, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
@@ -877,20 +878,22 @@ def test_everyday_files_are_read_like_the_canonical_one(tiny):
                                 root / "rows.parquet")
     for path in files + [str(root / "rows.json"), str(root / "rows.parquet")]:
         assert ia2.load_task(cfg, "sst2", labels, path) == want, path
-    # a local copy of a Hub dataset is converted like the Hub's: FinS labels {0, 2} -> {0, 1}, neutral dropped
-    fin = write_rows(root / "fin.csv", ["sentence", "label"], [(f"profit {i}", i % 3) for i in range(30)])
+    # the Hub's own column names (FinS: sentence); its label values are not converted: a label 2 is named
+    fin = write_rows(root / "fin.csv", ["sentence", "label"], [(f"profit {i}", i % 2) for i in range(30)])
     pool, ev = ia2.load_task(cfg, "finsen", ["0", "1"], fin)
-    assert len(pool + ev) == 20 and {y for _, y in pool + ev} == {0, 1}
-    assert all((int(x.split()[1].split("\n")[0]) % 3) // 2 == y for x, y in pool + ev)
+    assert len(pool + ev) == 30 and all(int(x.split()[1].split("\n")[0]) % 2 == y for x, y in pool + ev)
+    hub = write_rows(root / "hub-fin.csv", ["sentence", "label"], [(f"profit {i}", i % 3) for i in range(30)])
+    with pytest.raises(ia2.IA2Error, match="row 3: label '2' is neither a label string"):
+        ia2.load_task(cfg, "finsen", ["0", "1"], hub)
 
 
 @pytest.mark.parametrize("body, message", [
     ("text,label\ngood film,1\nbad film,\ngreat,0\n", "row 2: label '' is neither a label string ('0' '1') nor an "
                                                       "index 0..1 (the cell is empty)"),
-    ("text,label\ngood film,1\n,0\ngreat,0\n", "row 2: 'text' is empty or missing ('')"),
+    ("text,label\ngood film,1\n,0\ngreat,0\n", "row 2: 'text' must be text, got ''"),
     ("text,label\ngood film,1\nbad film\n", "row 2: label None is neither"),  # a short row: a missing cell
-    ("text,label\ngood film,1\nbad film,2\n", "row 2: label 2 is neither"),
-    ("text;label\ngood film;1\n", "needs columns 'text' and 'label' (or those of stanfordnlp/sst2), found 'text;label'"),
+    ("text,label\ngood film,1\nbad film,2\n", "row 2: label '2' is neither"),
+    ("text;label\ngood film;1\n", "needs columns 'text', 'label', found 'text;label'"),
 ])
 def test_bad_rows_are_named(tiny, body, message):
     path = tiny["root"] / "bad-rows.csv"
@@ -908,14 +911,14 @@ def test_a_healthy_row_beside_an_empty_one_is_not_blamed_and_one_class_is_warned
 
 
 def test_tables_show_the_majority_class_and_what_each_method_answers(tiny):
-    row = lambda m, lr, r, p: dict(task="sst2", method=m, lr=lr, run=r, accuracy=p[1], label_accuracy=p[1], ece=0.1,
+    row = lambda m, lr, r, p: dict(task="sst2", method=m, lr=lr, beta=None, run=r, accuracy=p[1], label_accuracy=p[1], ece=0.1,
                                    ece_equal_width=0.1, predicted=p, dev_loss=1.0)
     rows = [row("icl", None, 0, [40.0, 55.0, 5.0]), row("icl", None, 1, [30.0, 70.0, 0.0]),
             row("ia2", 1e-3, 0, [0.0, 100.0, 0.0]), row("ia2", 1e-3, 1, [10.0, 90.0, 0.0]),
             row("ia2", 1e-4, 0, [0, 0, 100.0]), row("ia2", 1e-4, 1, [0, 0, 100.0])]
-    maj = ia2.majority(["0", "1"], np.array([1, 1, 0, 1]))
-    assert maj == dict(label="1", accuracy=75.0)
-    text = ia2.table(ia2.summarize(rows), ["0", "1"], maj)
+    assert ia2.majority(["0", "1"], np.array([1, 1, 0, 1])) == dict(label="1", accuracy=75.0)
+    ev = ia2.Task("sst2", ia2.TASKS["sst2"], ["0", "1"], None, [], [], [], np.array([1, 1, 0, 1]))
+    text = ia2.table(ia2.summarize(rows), ev)
     assert "| majority class (always '1') | – | 75.0 | 75.0 |" in text and "answers 0/1/other (%)" in text
     assert "| icl | – | 62.5 ± 7.5 |" in text and "| 35/62/2 |" in text  # mean shares over runs
     assert "| 5/95/0 **one answer in 1/2 runs** |" in text  # ia2 at its selected lr, 1e-3
@@ -931,7 +934,7 @@ def test_a_tokenizer_that_reads_one_character_at_a_time_is_warned_about(model, c
                                                                        initial_alphabet=alphabet))  # no merges
     prompts = ["Text:the film was very good\nLabel:", "Text:a dull plot\nLabel:"]
     ia2.check_tokenizer(PreTrainedTokenizerFast(tokenizer_object=tk), prompts)
-    assert "about one per character" in capsys.readouterr().err
+    assert "about one character per token" in capsys.readouterr().err
     ia2.check_tokenizer(model[0], prompts)  # a working BPE: silent
     assert capsys.readouterr().err == ""
 
@@ -940,10 +943,10 @@ def test_plan_estimate_epochs_cap_and_flag_messages(tiny):
     p = cli(tiny, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--epochs", "1", "--lr", "1e-3",
             "--methods", "zero_shot", "sft", "ia2", out="plan")
     assert p.returncode == 0, p.stderr
-    assert ("plan: 2 trained methods x 1 lr x 2 runs = 4 adapters (at most 1 epochs each; a method's adapters "
-            "train together), evaluated on 10 sst2") in p.stdout
+    assert ("plan: 4 adapters (sft, ia2 x 1 lr x 2 runs; at most 1 epochs; a method's adapters train together), "
+            "evaluated on 10 sst2 examples") in p.stdout
     assert p.stdout.index("plan:") < p.stdout.index("[sft lr=0.001 run 0] ep 0")
-    assert p.stdout.count("estimate: sft's 2 adapters took") == 1
+    assert p.stdout.count("estimate: sft took") == 1
     assert "[sft lr=0.001 run 0] note: stopped by the --epochs 1 cap, not by early stopping" in p.stdout
     md = (tiny["root"] / "plan" / "results.md").read_text()
     assert md.startswith("# sst2, ") and ", 2 runs\n" in md and "majority class (always" in md
@@ -960,7 +963,7 @@ def test_data_errors_come_before_the_model_loads(tiny):
     bad = write_rows(tiny["root"] / "early.csv", ["text", "label"], [("good", 1), ("bad", 7)])
     p = subprocess.run([sys.executable, os.path.join(HERE, "ia2.py"), "--model", str(tiny["root"] / "no-model"),
                         "--data", bad, "--out", str(tiny["root"] / "never")], capture_output=True, text=True)
-    assert p.returncode == 2 and "row 2: label 7 is neither" in p.stderr and "model" not in p.stderr
+    assert p.returncode == 2 and "row 2: label '7' is neither" in p.stderr and "model" not in p.stderr
 
 
 def test_offline_fails_fast_with_what_to_pass_instead(tiny):
@@ -997,7 +1000,7 @@ def test_ctrl_c_keeps_finished_adapters_and_results_in_partial(tiny):
     assert f"interrupted; the adapters and results finished so far are in {out}.partial/" in stderr
     assert not out.exists() and first.exists()
     res = json.loads((out.parent / "sigint.partial" / "results.json").read_text())
-    assert res["interrupted"] and res["methods"]["sft"]["runs"][0]["run"] == 0
+    assert res["interrupted"] and res["summary"]["sst2"]["sft"]["runs"][0]["run"] == 0
     assert "(interrupted" in (out.parent / "sigint.partial" / "results.md").read_text()
 
 
@@ -1053,9 +1056,9 @@ def test_sign_flip_p_and_the_paired_comparison():
     assert ev.sign_flip_p([1, -1]) == 1.0 and ev.sign_flip_p([3, -1, -1]) == pytest.approx(1.0)
     run = lambda r, acc, ece: dict(run=r, accuracy=acc, ece=ece)
     method = lambda runs: dict(mean=dict(accuracy=float(np.mean([x["accuracy"] for x in runs]))), runs=runs)
-    res = dict(config_task="sst2", ood={}, methods=dict(
+    res = dict(summary=dict(sst2=dict(
         icl=method([run(0, 60, .1), run(1, 62, .1)]), sft=method([run(1, 50, .3), run(0, 55, .2)]),
-        ia2_then_sft=method([run(0, 70, .1), run(1, 71, .2)])))
+        ia2_then_sft=method([run(0, 70, .1), run(1, 71, .2)]))))
     text = ev.comparison(res)
     assert "| sst2 | 61.0 | 52.5 | – | 70.5 | +9.5 | +18.0 |" in text  # Table 5: means and gaps
     assert "| sst2 | sft | 2 | +18.0 | 0.500 | -0.100 | 0.500 |" in text  # run 0: +15, -.1; run 1: +21, -.1
