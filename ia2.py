@@ -275,15 +275,16 @@ def hub_records(task: dict, name: str, split: str, labels, rng=None, limit=None)
 def read_file(path: str) -> list:
     """The records (dicts) of a .csv, .tsv, .jsonl, .json or .parquet file."""
     ext = os.path.splitext(path)[1].lower()
-    if ext not in (".csv", ".tsv", ".jsonl", ".json", ".parquet") or not os.path.isfile(path):
-        raise IA2Error(f"--data {path}: " + ("no such file" if ext in (".csv", ".tsv", ".jsonl", ".json", ".parquet")
-                                             else "use a .csv, .tsv, .jsonl, .json or .parquet file"))
+    if ext not in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
+        raise IA2Error(f"--data {path}: use a .csv, .tsv, .jsonl, .json or .parquet file")
+    if not os.path.isfile(path):
+        raise IA2Error(f"--data {path}: no such file")
     try:
         if ext == ".parquet":
             import pyarrow.parquet  # installed with datasets
             return pyarrow.parquet.read_table(path).to_pylist()
         with open(path, newline="", encoding="utf-8-sig") as f:
-            if ext != ".json" and ext != ".jsonl":
+            if ext in (".csv", ".tsv"):
                 return list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
             text = f.read()
         return json.loads(text) if text.lstrip().startswith("[") else [json.loads(s) for s in text.splitlines() if s.strip()]
@@ -321,10 +322,12 @@ def examples(task: dict, recs: list, labels, where: str, row=None, rng=None, lim
 
 def label_index(v, labels: list, where: str) -> int:
     """A label cell: one of the label strings (surrounding spaces ignored) or its index 0..n-1."""
-    s, names = str(int(v)) if isinstance(v, (bool, float)) and float(v).is_integer() else str(v).strip(), [
-        label.strip() for label in labels]  # True, 1.0 -> "1"
-    if s in names or s.isdigit() and int(s) < len(labels):
-        return names.index(s) if s in names else int(s)
+    names = [label.strip() for label in labels]
+    s = str(int(v)) if isinstance(v, (bool, float)) and float(v).is_integer() else str(v).strip()  # True, 1.0 -> "1"
+    if s in names:
+        return names.index(s)
+    if s.isdigit() and int(s) < len(labels):
+        return int(s)
     raise IA2Error(f"{where}: label {v!r} is neither a label string ({' '.join(map(repr, labels))}) nor an index "
                    f"0..{len(labels) - 1}" + (" (the cell is empty)" if s in ("", "None", "nan") else ""))
 
@@ -350,17 +353,22 @@ def training_items(tok, labels, train: list, dev: list, orders: list):
     """Query i's demos are the other training examples in the order orders[i]; dev example j reuses query j's
     (official code). y_ids: the ground truth tokenised apart from the prompt, + EOS for an answer text."""
     shots = [x + answer_text(labels, y) for x, y in train]
-    target = lambda y: tok(answer_text(labels, y), add_special_tokens=False).input_ids + [tok.eos_token_id] * (not labels)
-    return [[dict(x=encode(tok, x), y=y, y_ids=target(y), icl=encode(tok, make_prompt(x, [shots[k] for k in orders[j]])))
-             for j, (x, y) in enumerate(rows)] for rows in (train, dev)]
+
+    def item(j, x, y):
+        y_ids = tok(answer_text(labels, y), add_special_tokens=False).input_ids + [tok.eos_token_id] * (not labels)
+        return dict(x=encode(tok, x), y=y, y_ids=y_ids, icl=encode(tok, make_prompt(x, [shots[k] for k in orders[j]])))
+    return [item(j, x, y) for j, (x, y) in enumerate(train)], [item(j, x, y) for j, (x, y) in enumerate(dev)]
 
 
 def icl_eval_prompts(tok, labels, demos_pool: list, eval_set: list, k: int, seed: int) -> list:
     """ICL evaluation: k = N-1 demos per query drawn from the held-out rest of the pool with RandomState(r). For
     an OOD task the pool and `labels` are the source task's, the queries the OOD task's (§5)."""
-    rng = np.random.RandomState(seed)
-    return [encode(tok, make_prompt(x, [demos_pool[i][0] + answer_text(labels, demos_pool[i][1])
-                                        for i in rng.choice(len(demos_pool), k, replace=False)])) for x, _ in eval_set]
+    rng, prompts = np.random.RandomState(seed), []
+    for x, _ in eval_set:
+        demos = [demos_pool[i][0] + answer_text(labels, demos_pool[i][1]) for i in rng.choice(len(demos_pool), k,
+                                                                                            replace=False)]
+        prompts.append(encode(tok, make_prompt(x, demos)))
+    return prompts
 
 
 # -----------------------------------------------------------------------------
@@ -434,8 +442,14 @@ def lora_set(model, **values):
             m.__dict__.update(o)
 
 
-adapters = lambda model, rows: lora_set(model, rows=None if rows is None else torch.as_tensor(rows, device=model.device))
-lora_disabled = lambda model: lora_set(model, enabled=False)  # the base model: teacher, zero-shot, ICL
+def adapters(model, rows):
+    """Inside the block, batch row i goes through adapter rows[i] (None: adapter 0 for every row)."""
+    return lora_set(model, rows=None if rows is None else torch.as_tensor(rows, device=model.device))
+
+
+def lora_disabled(model):
+    """Inside the block the model is the base model: the teacher, zero-shot, ICL."""
+    return lora_set(model, enabled=False)
 
 
 def save_adapter(model, folder: str, cfg: Config, k: int = 0):
@@ -962,8 +976,9 @@ def check_hub(cfg: Config, tasks: list, files: dict):
     """Offline, fail in seconds, saying what to pass instead, if the model or a task's data needs the Hub."""
     import urllib.request
     missing = [n for n in tasks if n not in files]
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "") or not (missing or not os.path.isdir(
-            cfg.model)):
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
+        return  # the libraries then use the Hub cache, and fail at once without it
+    if not missing and os.path.isdir(cfg.model):
         return
     try:  # a 3-second look at the Hub, instead of minutes of retries
         urllib.request.urlopen(urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
@@ -971,9 +986,10 @@ def check_hub(cfg: Config, tasks: list, files: dict):
     except urllib.error.HTTPError:
         return  # it answered
     except OSError:  # no route, no name, refused, timed out
-        data = "FILE" if tasks == [cfg.task] else " ".join(f"{n}={files.get(n, 'FILE')}" for n in tasks)
-        need = ["--model FOLDER (a local copy of the model)"] * (not os.path.isdir(cfg.model)) + [f"--data {data}"] * (
-            len(missing) > 0)
+        need = [] if os.path.isdir(cfg.model) else ["--model FOLDER (a local copy of the model)"]
+        if missing:  # one task: --data FILE; several: --data TASK=FILE for each
+            need.append("--data " + ("FILE" if tasks == [cfg.task] else " ".join(f"{n}={files.get(n, 'FILE')}"
+                                                                                  for n in tasks)))
         raise IA2Error(f"the Hugging Face Hub cannot be reached: pass {' and '.join(need)}, or set HF_HUB_OFFLINE=1 "
                        "HF_DATASETS_OFFLINE=1 to use what your Hub cache already holds")
 
@@ -1043,8 +1059,8 @@ def draw_runs(S: Setup) -> list:
     runs = []
     for r in range(S.cfg.runs):
         train, dev, rest, orders = few_shot_split(S.task.pool, S.cfg.n_train, S.cfg.seed + r)
-        runs.append(dict(r=r, rest=rest, **dict(zip(("train", "dev"), training_items(S.tok, S.task.labels, train,
-                                                                                        dev, orders)))))
+        train, dev = training_items(S.tok, S.task.labels, train, dev, orders)
+        runs.append(dict(r=r, train=train, dev=dev, rest=rest))
     if set(S.cfg.methods) - {"zero_shot", "icl", "sft"}:
         T = 1 if S.task.labels else S.cfg.max_new_tokens or 200  # §3: T=1 single-token, G=200 multi-token
         teacher(S.model, [it for run in runs for it in run["train"] + run["dev"]], T, S.tok.eos_token_id,
@@ -1103,16 +1119,23 @@ def summarize(rows: list) -> dict:
         by = collections.defaultdict(list)
         for x in (x for x in rows if x["method"] == m):
             by[x["lr"], x["beta"]].append({k: v for k, v in x.items() if k not in ("task", "method", "lr", "beta")})
-        stat = {s: dict(mean={k: float(np.mean([x[k] for x in runs])) for k in METRICS if k in runs[0]},
-                        std={k: float(np.std([x[k] for x in runs])) for k in METRICS if k in runs[0]},
-                        predicted=np.mean([x.get("predicted", [0]) for x in runs], 0).tolist(),
-                        one_answer_runs=sum(max(x.get("predicted", [0])) == 100 for x in runs)) for s, runs in by.items()}
+        stat = {s: stats(runs) for s, runs in by.items()}
         if by:
             best = max(by, key=lambda s: stat[s]["mean"]["accuracy"])
             dev = min((s for s in by if s[1] == best[1]), key=lambda s: np.mean([x.get("dev_loss", 0) for x in by[s]]))
             out[m] = dict(stat[best], lr=best[0], beta=best[1], runs=by[best], dev_selected=dict(stat[dev], lr=dev[0]),
                           settings={setting_name(*s): stat[s] for s in by})
     return out
+
+
+def stats(runs: list) -> dict:
+    """Mean and population std over runs of each metric; the mean share of each answer (predicted), and the
+    runs in which one answer was given to every example."""
+    keys = [k for k in METRICS if k in runs[0]]
+    return dict(mean={k: float(np.mean([x[k] for x in runs])) for k in keys},
+                std={k: float(np.std([x[k] for x in runs])) for k in keys},
+                predicted=np.mean([x.get("predicted", [0]) for x in runs], 0).tolist(),
+                one_answer_runs=sum(max(x.get("predicted", [0])) == 100 for x in runs))
 
 
 def setting_name(lr, beta=None) -> str:
@@ -1157,8 +1180,9 @@ def run_experiment(cfg: Config) -> list:
     if os.path.exists(out):
         raise IA2Error(f"--out {out}: exists; choose another")
     S, tmp, rows, timing = setup(cfg), out + ".partial", [], dict(load=time.time() - t0)
-    methods = [m for m in METHODS if m in cfg.methods or m == "ia2" and {"ia2_then_sft", "ia2_then_sft_icl"} & set(
-        cfg.methods)]  # ia2_then_sft(_icl) need the ia2 adapters
+    methods = [m for m in METHODS if m in cfg.methods]
+    if "ia2" not in methods and {"ia2_then_sft", "ia2_then_sft_icl"} & set(methods):
+        methods.insert(methods.index(next(m for m in methods if "then" in m)), "ia2")  # their first phase
     n = cfg.runs * len(cfg.lr) * sum(len(cfg.beta) if m == "ia2_plus_sft" else 1 for m in methods if m in TRAINED)
     print(f"plan: {n} adapters ({', '.join(m for m in methods if m in TRAINED)} x {len(cfg.lr)} lr x {cfg.runs} runs"
           + f", ia2_plus_sft x {len(cfg.beta)} β" * ("ia2_plus_sft" in methods) + f"; at most {cfg.epochs} epochs; a "
