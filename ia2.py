@@ -217,8 +217,8 @@ ALIASES = {"text": ("sentence", "verse_text", "review"), "label": ("sentiment",)
 def task_table() -> str:
     """--list-tasks."""
     return "\n".join(["| task | paper | Hub id (config) | pool -> eval split | template | labels |", "|---" * 6 + "|"] + [
-        f"| {n} | {t['paper']} | {t['hub'][0]} {t['hub'][1] or ''} | {t['splits'][0] or 'eval only'} -> "
-        f"{t['splits'][1] or 'last records'} | {t['template']!r} | {' '.join(t['labels'] or ['answer + EOS'])} |"
+        f"| {n} | {t['paper']} | {' '.join(filter(None, t['hub']))} | {t['splits'][0] or 'none (eval only)'} -> "
+        f"{t['splits'][1] or 'its last records'} | {t['template']!r} | {' '.join(t['labels'] or ['answer + EOS'])} |"
         for n, t in TASKS.items()])
 
 

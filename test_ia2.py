@@ -924,6 +924,18 @@ def test_tables_show_the_majority_class_and_what_each_method_answers(tiny):
     assert "| 5/95/0 **one answer in 1/2 runs** |" in text  # ia2 at its selected lr, 1e-3
 
 
+def test_lr_and_beta_are_selected_jointly_as_the_official_code_does():
+    """plot_unified.py:865-877, run on these runs: the (lr, β) with the best mean accuracy, the first on a tie."""
+    def rows(settings):
+        return [dict(task="sst2", method="ia2_plus_sft", lr=lr, beta=b, run=r, accuracy=a, dev_loss=1.0)
+                for (lr, b), accs in settings.items() for r, a in enumerate(accs)]
+    runs = {(1e-4, .1): [80, 90], (3e-4, .5): [85, 85], (1e-3, .1): [70, 99], (1e-3, .5): [84, 86.5]}
+    best = ia2.summarize(rows(runs))["ia2_plus_sft"]
+    assert (best["lr"], best["beta"]) == (1e-3, .5) and best["mean"]["accuracy"] == 85.25 and best["std"]["accuracy"] == 1.25
+    best = ia2.summarize(rows({**runs, (1e-3, .5): [84, 86]}))["ia2_plus_sft"]  # three settings tie at 85
+    assert (best["lr"], best["beta"]) == (1e-4, .1)
+
+
 def test_a_tokenizer_that_reads_one_character_at_a_time_is_warned_about(model, capsys):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
