@@ -348,7 +348,7 @@ def report(a: dict) -> str:
                      f"{pm(s['label_accuracy'])} | {pm(s['ece'], '{:.3f}')} | {pm(s['ece_equal_width'], '{:.3f}')} | "
                      f"{pm(s['asim'], '{:.3f}') if 'asim' in s else '–'} | "
                      + "/".join(f"{p:.0f}" for p in np.mean(shares, 0))
-                     + (f" **one answer in {one}/{len(shares)} runs**" if one else "") + " |")
+                     + (f" **one answer in {one}/{len(shares)} run{'s' * (len(shares) > 1)}**" if one else "") + " |")
     zero = np.array(a["zero_shot_asim_runs"]).mean(1)
     lines += [f"| zero-shot base, asim only | – | | | | | {zero.mean():.3f} ± {zero.std():.3f} |", "",
               "The first eval examples, run 0: top-1 token and p(" + ", ".join(a["labels"]) + ")\n",

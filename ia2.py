@@ -1161,8 +1161,9 @@ def table(results: dict, ev: Task) -> str:
                      + "/".join("100" if x == maj["label"] else "0" for x in ev.labels) + "/0 |")
     for m, r in results.items():
         dev = [setting_name(r["dev_selected"]["lr"]), pm(r["dev_selected"], "accuracy")] if m in TRAINED else ["–"] * 2
-        answers = "/".join(f"{p:.0f}" for p in r["predicted"]) + (f" **one answer in {r['one_answer_runs']}/"
-                                                                  f"{len(r['runs'])} runs**" * (r["one_answer_runs"] > 0))
+        n = len(r["runs"])
+        answers = "/".join(f"{p:.0f}" for p in r["predicted"]) + (
+            f" **one answer in {r['one_answer_runs']}/{n} run{'s' * (n > 1)}**" * (r["one_answer_runs"] > 0))
         lines.append(f"| {m} | {setting_name(r['lr'], r['beta'])} | {pm(r, 'accuracy')} | {pm(r, 'label_accuracy')} | "
                      f"{pm(r, 'ece', '{:.3f}')} | {pm(r, 'ece_equal_width', '{:.3f}')} | {' | '.join(dev)} | "
                      f"{answers if ev.labels else '–'} |")
