@@ -1190,6 +1190,7 @@ def run_experiment(cfg: Config) -> list:
           f"method's adapters train together), evaluated on {', '.join(f'{len(ev.gold)} {ev.name}' for ev in S.evals)} "
           "examples, as are zero-shot and ICL")
     shutil.rmtree(tmp, ignore_errors=True)
+    first = next((m for m in methods if m in TRAINED), None)
     try:
         tick, ia2_states = time.time(), {}
         runs = draw_runs(S)
@@ -1198,10 +1199,10 @@ def run_experiment(cfg: Config) -> list:
             tick = time.time()
             rows += run_method(S, m, runs, ia2_states, tmp)
             timing[m] = time.time() - tick
-            if m == next(m for m in methods + ["kd"] if m in TRAINED) and m != methods[-1]:
-                left = timing[m] * sum(m in TRAINED for m in methods[methods.index(m) + 1:])
+            left = timing[m] * sum(x in TRAINED for x in methods[methods.index(m) + 1:])
+            if m == first and left:  # after the first trained method: its time times the methods to come
                 print(f"estimate: {m} took {timing[m]:.0f} s; the other trained methods should take about "
-                      f"{left / 60:.0f} min more here (early stopping varies)")
+                      f"{f'{left:.0f} s' if left < 120 else f'{left / 60:.0f} min'} more here (early stopping varies)")
     except KeyboardInterrupt:
         write_outputs(S, tmp, rows, dict(timing, total=time.time() - t0), interrupted=True)
         print(f"ia2.py: interrupted; the adapters and results finished so far are in {tmp}/", file=sys.stderr)
