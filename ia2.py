@@ -1074,11 +1074,11 @@ def draw_runs(S: Setup) -> list:
     return runs
 
 
-def run_method(S: Setup, m: str, runs: list, ia2_states: dict, folder: str) -> list:
-    """Method m's result rows. zero_shot: the base model, once; icl: the base model with N-1 held-out demos per
+def run_method(S: Setup, m: str, runs: list, ia2_states: dict, folder: str, rows: list):
+    """Appends method m's result rows to rows as they finish (so Ctrl-C keeps them). zero_shot: the base model, once; icl: the base model with N-1 held-out demos per
     query, once per run; a trained method: every (lr, β, run) adapter trained at once, then evaluated at once
     on every eval task and saved; ia2_then_sft(_icl) continues the IA2 adapter of its (lr, run)."""
-    cfg, rows = S.cfg, []
+    cfg = S.cfg
     if m in ("zero_shot", "icl"):
         with lora_disabled(S.model):
             for ev in S.evals:
@@ -1086,7 +1086,7 @@ def run_method(S: Setup, m: str, runs: list, ia2_states: dict, folder: str) -> l
                     S.tok, S.task.labels, run["rest"], ev.eval_set, cfg.n_train - 1, cfg.seed + run["r"]) for run in runs]
                 rows += [dict(task=ev.name, method=m, lr=None, beta=None, run=r, **x) for r, x in
                          enumerate(evaluate(S, ev, sets, show=2, tag=f"{m}{' run 0' * (m == 'icl')} on {ev.name}"))]
-        return rows
+        return
     jobs = [Job(lr, run["r"], run["train"], run["dev"], beta, ia2_states.get((lr, run["r"])) if "then" in m else None)
             for lr in cfg.lr for beta in (cfg.beta if m == "ia2_plus_sft" else [None]) for run in runs]
     name = lambda job: f"{m} lr={job.lr:g}" + (f" β={job.beta:g}" if job.beta is not None else "") + f" run {job.run}"
@@ -1102,7 +1102,6 @@ def run_method(S: Setup, m: str, runs: list, ia2_states: dict, folder: str) -> l
                   + f" | best dev {job.best:.4f} | {job.steps} steps")
     for k, job in enumerate(jobs if m in cfg.methods else []):
         save_adapter(S.model, adapter_dir(folder, m, job.lr, job.beta, job.run), cfg, k)
-    return rows
 
 
 def adapter_dir(folder: str, method: str, lr: float, beta, run: int) -> str:
@@ -1197,7 +1196,7 @@ def run_experiment(cfg: Config) -> list:
         timing["teacher"] = time.time() - tick
         for m in methods:
             tick = time.time()
-            rows += run_method(S, m, runs, ia2_states, tmp)
+            run_method(S, m, runs, ia2_states, tmp, rows)
             timing[m] = time.time() - tick
             left = timing[m] * sum(x in TRAINED for x in methods[methods.index(m) + 1:])
             if m == first and left:  # after the first trained method: its time times the methods to come

@@ -1016,6 +1016,23 @@ def test_ctrl_c_keeps_finished_adapters_and_results_in_partial(tiny):
     assert "(interrupted" in (out.parent / "sigint.partial" / "results.md").read_text()
 
 
+def test_ctrl_c_while_adapters_are_saved_keeps_the_method_s_results(tiny, monkeypatch):
+    # the signal above lands at a moment the clock picks; here it lands between two adapters' saves, every time
+    saved, save = [], ia2.save_adapter
+    def save_then_interrupt(*a, **k):
+        save(*a, **k)
+        saved.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ia2, "save_adapter", save_then_interrupt)
+    out = tiny["root"] / "sigint-save"
+    with pytest.raises(SystemExit) as e:
+        ia2.main(["--model", tiny["model"], "--data", tiny["data"], "--out", str(out), "--n-train", "4",
+                  "--runs", "2", "--eval-size", "10", "--lr", "1e-3", "--methods", "sft"])
+    assert e.value.code == 130 and saved == [1]
+    res = json.loads((tiny["root"] / "sigint-save.partial" / "results.json").read_text())
+    assert [x["run"] for x in res["rows"] if x["method"] == "sft"] == [0, 1]
+
+
 def test_cli_flags_parse():
     cfg = ia2.parse_args(["--lr", "1e-3", "--labels", " negative", " positive", "--n-train", "8"])
     assert cfg.lr == [1e-3] and cfg.labels == [" negative", " positive"] and cfg.n_train == 8
