@@ -1075,9 +1075,9 @@ def draw_runs(S: Setup) -> list:
 
 
 def run_method(S: Setup, m: str, runs: list, ia2_states: dict, folder: str, rows: list):
-    """Appends method m's result rows to rows as they finish (so Ctrl-C keeps them). zero_shot: the base model, once; icl: the base model with N-1 held-out demos per
-    query, once per run; a trained method: every (lr, β, run) adapter trained at once, then evaluated at once
-    on every eval task and saved; ia2_then_sft(_icl) continues the IA2 adapter of its (lr, run)."""
+    """Appends m's rows to rows as each finishes (Ctrl-C keeps them). zero_shot: the base model, once; icl: with
+    N-1 held-out demos per query, once per run; a trained method: every (lr, β, run) adapter trained at once, then
+    evaluated at once on every eval task and saved; ia2_then_sft(_icl) continues the IA2 adapter of its (lr, run)."""
     cfg = S.cfg
     if m in ("zero_shot", "icl"):
         with lora_disabled(S.model):
