@@ -33,6 +33,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -210,6 +211,9 @@ TASKS = {
                   gen=200, row=lambda ex, rng: dict(question=ex["question"],
                                                     answer=f"{ex['support']}\n#### {ex['correct_answer']}")),
 }
+# Two of these datasets are still loading scripts, which datasets >= 4.0 no longer runs: they are read from the
+# Hub's own parquet conversion of the same records (branch refs/convert/parquet, one folder per config; README).
+PARQUET = {"takala/financial_phrasebank": "sentences_50agree", "wics/strategy-qa": "strategyQA"}
 ALIASES = {"text": ("sentence", "verse_text", "review"), "label": ("sentiment",), "question": ("problem",),
            "answer": ("solution",)}  # other names a local file may give the template's columns
 
@@ -262,11 +266,13 @@ def hub_records(task: dict, name: str, split: str, labels, rng=None, limit=None)
     import datasets
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    repo, config = task["hub"]
+    where = dict(revision="refs/convert/parquet", data_dir=PARQUET[repo]) if repo in PARQUET else dict(name=config)
     try:
-        recs = list(enumerate(datasets.load_dataset(*task["hub"], split=split).to_list(), 1))
+        recs = list(enumerate(datasets.load_dataset(repo, split=split, **where).to_list(), 1))
     except Exception as e:
-        raise IA2Error(f"cannot load {task['hub'][0]} for task {name} from the Hub ({str(e).splitlines()[0]}); "
-                       f"offline, pass a local copy: --data {name}=FILE")
+        raise IA2Error(f"cannot load {repo} for task {name} from the Hub: {str(e).strip().splitlines()[0]}; pass "
+                       f"a local copy instead: --data {name}=FILE")
     if name == "poems":  # filtered first, then shuffled (prepare_data.py:914-915)
         return shuffled(examples(task, recs, labels, split, task["row"]))[:limit]
     return examples(task, shuffled(recs), labels, split, task["row"], rng, limit)
@@ -561,13 +567,12 @@ def generate(model, prompts: list, max_new: int, eos: set, stop=None, capture=Fa
     B, R = len(prompts), max(map(len, prompts))
     ids = torch.tensor([[model.config.pad_token_id or 0] * (R - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (R - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    pos, cache = (mask.cumsum(1) - 1).clamp(min=0), None
+    pos, cache = (mask.cumsum(1) - 1).clamp(min=0), kv_cache(model)
     tokens, done, acts_t, logp_t = [[] for _ in range(B)], [False] * B, [], []
     for _ in range(max_new):
         with adapters(model, slots), capture_activations(model) if capture else contextlib.nullcontext() as acts:
-            out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                              use_cache=True)
-        cache, logits = out.past_key_values, lm_logits(model, out.last_hidden_state[:, -1])  # (B, V)
+            out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache)
+        logits = lm_logits(model, out.last_hidden_state[:, -1])  # (B, V); the cache grew in place
         if capture:
             acts_t.append(torch.stack([a[:, -1] for a in acts], 1))  # (B, L, D) at this step's position
         if scores:
@@ -582,6 +587,14 @@ def generate(model, prompts: list, max_new: int, eos: set, stop=None, capture=Fa
         ids, pos, mask = nxt[:, None], pos[:, -1:] + 1, torch.cat([mask, mask.new_ones(B, 1)], 1)
     return [dict(tokens=tk, acts=torch.stack([a[i] for a in acts_t[:len(tk)]], 1) if capture else None,
                  logp=torch.stack([p[i] for p in logp_t[:len(tk)]]) if scores else None) for i, tk in enumerate(tokens)]
+
+
+def kv_cache(model) -> dict:
+    """An empty KV cache, as the keyword the model's forward takes: `cache` from transformers 5.24 on (which
+    deprecates `past_key_values`, gone in 5.40), `past_key_values` before."""
+    from transformers import DynamicCache
+    name = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+    return {name: DynamicCache(config=model.config)}
 
 
 def teacher(model, items: list, T: int, eos_id: int, scores=False):
