@@ -137,16 +137,18 @@ def sign_flip_p(diffs) -> float:
 def comparison(results: dict) -> str:
     """For each eval task: Table 5's columns (means; gap = IA2→SFT minus ICL, minus SFT) and Table 8's
     paired differences over the runs, each method at the setting ia2.py selected."""
-    tables = results["summary"]
+    tables, majority = results["summary"], results.get("majority") or {}
     lines = ["## IA2→SFT against ICL and SFT, run by run (Tables 5 and 8)\n",
-             "| eval task | ICL | SFT | IA2 only | IA2→SFT | gap wrt ICL | gap wrt SFT |", "|---|---|---|---|---|---|---|"]
+             "| eval task | majority class | ICL | SFT | IA2 only | IA2→SFT | gap wrt ICL | gap wrt SFT |",
+             "|---|---|---|---|---|---|---|---|"]
     mean = lambda r, m: f"{r[m]['mean']['accuracy']:.1f}" if m in r else "–"
     paired = []
     for task, r in tables.items():
         gap = lambda m: f"{r['ia2_then_sft']['mean']['accuracy'] - r[m]['mean']['accuracy']:+.1f}" if (
             "ia2_then_sft" in r and m in r) else "–"
-        lines.append(f"| {task} | {mean(r, 'icl')} | {mean(r, 'sft')} | {mean(r, 'ia2')} | {mean(r, 'ia2_then_sft')} | "
-                     f"{gap('icl')} | {gap('sft')} |")
+        maj = f"{majority[task]['accuracy']:.1f}" if majority.get(task) else "–"
+        lines.append(f"| {task} | {maj} | {mean(r, 'icl')} | {mean(r, 'sft')} | {mean(r, 'ia2')} | "
+                     f"{mean(r, 'ia2_then_sft')} | {gap('icl')} | {gap('sft')} |")
         for other in ("sft", "icl") if "ia2_then_sft" in r else ():
             if other in r:
                 paired.append((task, other, r["ia2_then_sft"]["runs"], r[other]["runs"]))
@@ -159,7 +161,8 @@ def comparison(results: dict) -> str:
             d = [x[key] - y[key] for x, y in pairs] if key in pairs[0][0] else None
             cells += [f"{np.mean(d):+.{1 if key == 'accuracy' else 3}f}", f"{sign_flip_p(d):.3f}"] if d else ["–", "–"]
         lines.append(f"| {task} | {other} | {len(pairs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + ("\n\nMeans in %, at each method's selected setting. Paired: run r against run r (the "
+    return "\n".join(lines) + ("\n\nMeans in %, at each method's selected setting; majority class: always answering "
+                               "the eval set's most frequent label (single-token tasks). Paired: run r against run r (the "
                                "same N examples; ICL run r draws its own demos), the mean difference and the exact "
                                "sign-flip p (two-sided; its floor is 2/2^runs).\n")
 
@@ -392,7 +395,8 @@ def report(a: dict) -> str:
 def sweep_report(analyses: list) -> str:
     lines = [f"# {title(analyses[0], with_n=False)}: methods against N\n", "![sweep](sweep.png)\n",
              "| method | " + " | ".join(f"N={a['n_train']}" for a in analyses) + " |",
-             "|---" * (len(analyses) + 1) + "|"]
+             "|---" * (len(analyses) + 1) + "|",
+             "| majority class | " + " | ".join(f"{a['majority']['accuracy']:.1f}" for a in analyses) + " |"]
     for m in ia2.METHODS:
         if all(m in a["methods"] for a in analyses):
             cells = []

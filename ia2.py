@@ -598,30 +598,39 @@ def kv_cache(model) -> dict:
 
 
 def teacher(model, items: list, T: int, eos_id: int, scores=False):
-    """Adds to each item Ŷ (y_icl), A_ICL (L, T', D) at d_icl+t and, for kd, the log-probabilities (T', V): one
-    greedy rollout of the base model on I∘X, stopped only at the tokenizer's EOS, with no "\\n\\n" stop (official
-    get_activations; T=1 for single-token tasks). And y_out, the official "ICL outputs" (the targets of sft_icl
-    and ia2_then_sft_icl), made by a generate() that stops at every EOS of the generation_config: icl_output."""
+    """Adds to each item Ŷ (y_icl) and A_ICL (L, T', D) at d_icl+t: one greedy rollout of the base model on I∘X,
+    stopped only at the tokenizer's EOS, with no "\\n\\n" stop (official get_activations; T=1 for single-token
+    tasks). Where the official code calls generate() instead, which stops at every EOS of the generation_config,
+    the rollout is cut there: y_out, the "ICL outputs" (targets of sft_icl, ia2_then_sft_icl; icl_output), and,
+    for kd, y_kd with its log-probabilities (T', V) (collect_icl_distributions: no EOS appended)."""
+    eos = eos_ids(model, eos_id)
     with lora_disabled(model):
         for part in spans([len(it["icl"]) + T for it in items], token_budget(model, grad=False)):
             for it, o in zip(items[part], generate(model, [it["icl"] for it in items[part]], T, {eos_id},
                                                    capture=True, scores=scores)):
-                it.update(y_icl=o["tokens"], A_icl=o["acts"], logp_icl=o["logp"],
-                          y_out=icl_output(o["tokens"], T, eos_ids(model, eos_id), eos_id))
+                it.update(y_icl=o["tokens"], A_icl=o["acts"], y_out=icl_output(o["tokens"], T, eos, eos_id))
+                if scores:
+                    n = generate_length(o["tokens"], eos)
+                    it.update(y_kd=o["tokens"][:n], logp_icl=o["logp"][:n])
     return items
 
 
 def eos_ids(model, eos_id: int) -> set:
-    """Where the official generate() calls stop (evaluation, ICL outputs): at every EOS id of the model's
-    generation_config (Llama-3 Instruct and Qwen3 list several), else at the tokenizer's."""
+    """Where the official generate() calls stop (evaluation, ICL outputs, KD distributions): at every EOS id of
+    the model's generation_config (Llama-3 Instruct and Qwen3 list several), else at the tokenizer's."""
     ids = getattr(model.generation_config, "eos_token_id", None)
     return set([ids] if isinstance(ids, int) else ids or []) or {eos_id}
 
 
+def generate_length(tokens: list, eos: set) -> int:
+    """How much of a rollout a generate() that stops at the ids in `eos` keeps: up to the first of them, kept."""
+    return next((i + 1 for i, y in enumerate(tokens) if y in eos), len(tokens))
+
+
 def icl_output(tokens: list, T: int, eos: set, eos_id: int) -> list:
-    """The official collect_icl_outputs from a rollout: cut after the first id in `eos` (kept); a cut before T
-    tokens on an id other than the tokenizer's EOS gets that EOS appended."""
-    cut = next((i + 1 for i, y in enumerate(tokens) if y in eos), len(tokens))
+    """The official collect_icl_outputs from a rollout: cut as generate() stops; a cut before T tokens on an id
+    other than the tokenizer's EOS gets that EOS appended."""
+    cut = generate_length(tokens, eos)
     return tokens[:cut] + [eos_id] * (cut < T and tokens[cut - 1] != eos_id)
 
 
@@ -659,8 +668,8 @@ def padded(xs: list, T: int) -> torch.Tensor:
 
 def target_of(objective: str, item: dict) -> list:
     """What the student reads after X (official code): the ground truth Y for sft, the ICL outputs for sft_icl,
-    the teacher's rollout Ŷ otherwise."""
-    return item["y_ids"] if objective == "sft" else item["y_out"] if objective == "sft_icl" else item["y_icl"]
+    the rollout cut as generate() stops for kd, the teacher's rollout Ŷ otherwise."""
+    return item[dict(sft="y_ids", sft_icl="y_out", kd="y_kd").get(objective, "y_icl")]
 
 
 def objective_loss(model, objective: str, batch: list, beta=0.5, slots=None) -> torch.Tensor:
@@ -1230,8 +1239,8 @@ def run_experiment(cfg: Config) -> list:
 
 
 def write_outputs(S: Setup, folder: str, rows: list, timing: dict, interrupted=False) -> str:
-    """config.json (every setting, the versions), results.json (the rows, and per eval task each method's
-    summary), results.md (the tables, also returned)."""
+    """config.json (every setting, the versions), results.json (the rows; per eval task each method's summary
+    and the majority-class rate), results.md (the tables, also returned)."""
     import transformers
     summary = {ev.name: summarize([x for x in rows if x["task"] == ev.name]) for ev in S.evals}
     report = "".join(f"## {S.cfg.task} -> {ev.name}{'' if ev.name == S.cfg.task else ' (OOD, ICL demos from ' + S.cfg.task + ')'}"
@@ -1243,6 +1252,7 @@ def write_outputs(S: Setup, folder: str, rows: list, timing: dict, interrupted=F
     os.makedirs(folder, exist_ok=True)
     for name, content in (("config.json", meta), ("results.json", dict(
             summary=summary, rows=rows, timing_s=timing, interrupted=interrupted,
+            majority={ev.name: majority(ev.labels, ev.gold) if ev.labels else None for ev in S.evals},
             selection="each method's (lr, β) by its best mean accuracy on the eval set (the paper's); dev_selected: "
                       "the lowest mean dev loss"))):
         with open(os.path.join(folder, name), "w") as f:

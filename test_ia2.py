@@ -7,10 +7,8 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -43,7 +41,7 @@ def tiny(tmp_path_factory):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    corpus = [f"Text:{t}\nLabel:{y}\n\n" for t, y in rows] + [" ".join(WORDS)] * 5 + ["negative positive"] * 5
+    corpus = [f"Text:{t}\nLabel:{y}\n\n" for t, y in rows] + [" ".join(WORDS)] * 5 + [" negative positive"] * 40  # one token each
     tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
@@ -71,7 +69,7 @@ def items(tok, n=4, seed=0):
     for y in rng.randint(0, 2, n):
         x = ia2.encode(tok, f"Text:{sentence(rng, y)}\nLabel:")
         y_icl = [int(rng.randint(5, 50))]
-        out.append(dict(x=x, y=int(y), y_ids=[10 + int(y)], icl=x, y_icl=y_icl, y_out=y_icl,
+        out.append(dict(x=x, y=int(y), y_ids=[10 + int(y)], icl=x, y_icl=y_icl, y_out=y_icl, y_kd=y_icl,
                         A_icl=torch.randn(2, 1, 32), logp_icl=torch.randn(1, len(tok)).log_softmax(-1)))
     return out
 
@@ -83,7 +81,7 @@ def multi_items(tok, n=4, seed=0):
         x = ia2.encode(tok, f"Question:{sentence(rng, k % 2)}?\nAnswer:")
         y_ids, y_icl = list(rng.randint(2, 250, 2 + k)), list(rng.randint(2, 250, 5 - k))
         out.append(dict(x=x, y="", y_ids=[int(t) for t in y_ids] + [1], icl=x, y_icl=[int(t) for t in y_icl],
-                        y_out=[int(t) for t in y_icl][:3 - k % 2] + [1],
+                        y_out=[int(t) for t in y_icl][:3 - k % 2] + [1], y_kd=[int(t) for t in y_icl],
                         A_icl=torch.randn(2, len(y_icl), 32),
                         logp_icl=torch.randn(len(y_icl), len(tok)).log_softmax(-1)))
     return out
@@ -231,13 +229,25 @@ def test_forward_matches_full_logits_and_padding_changes_nothing(model):
 
 
 def test_t1_alignment_ignores_the_appended_answer_token(model):
-    """The official student reads X∘Ŷ and aligns at d_q; causal attention makes that equal to reading X."""
+    """The official student reads X∘Ŷ and aligns at d_q, the last prompt token; causal attention makes that equal
+    to reading X alone, whatever Ŷ is. Through ia2's own path: the IA2 loss of a teacher equal to the base
+    model's activations at d_q (computed here with plain hooks on X alone) is 0 for every Ŷ."""
     tok, m = model
     x = ia2.encode(tok, "Text:a great story\nLabel:")
-    _, a = ia2.forward(m, [x], capture=True)
-    with ia2.capture_activations(m) as acts:
-        m(torch.tensor([x + [7]]))
-    torch.testing.assert_close(a[0, :, 0], torch.stack([t[0, len(x) - 1] for t in acts]), atol=1e-5, rtol=1e-5)
+    acts = []
+    hooks = [layer.self_attn.register_forward_hook(lambda mod, a, out: acts.append(out[0][0, -1].detach()))
+             for layer in m.model.layers]
+    try:
+        m(torch.tensor([x]))
+    finally:
+        for h in hooks:
+            h.remove()
+    a_icl = torch.stack(acts)[:, None]  # (L, T'=1, D) at d_q
+    for y_hat in ([7], [12], [tok.eos_token_id]):
+        item = dict(x=x, y_icl=y_hat, A_icl=a_icl)
+        assert ia2.objective_loss(m, "ia2", [item]).item() < 1e-10
+    shifted = dict(x=x[:-1], y_icl=[x[-1]], A_icl=a_icl)  # aligned one position early: not the same activations
+    assert ia2.objective_loss(m, "ia2", [shifted]).item() > 1e-6  # (the tiny model's activations are ~1e-2)
 
 
 @pytest.mark.parametrize("kind", ["single", "multi"])
@@ -277,7 +287,14 @@ def test_multi_token_forward_reads_d_plus_t(model):
             torch.testing.assert_close(logits[b, t], full[len(x) - 1 + t], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(acts[b, :, t], torch.stack([r[0, len(x) - 1 + t] for r in ref]),
                                        atol=1e-5, rtol=1e-5)
-        assert full[len(x) - 1 + len(y) - 1].argmax() is not None  # y[-1] itself is never read
+    fed = []  # the last target token is never read, so it is not fed: X∘y[:-1], right-padded
+    hook = m.model.register_forward_pre_hook(lambda mod, args, kw: fed.append(kw["input_ids"]), with_kwargs=True)
+    try:
+        ia2.forward(m, xs, ys)
+    finally:
+        hook.remove()
+    assert fed[0].shape == (2, max(len(x) + len(y) - 1 for x, y in zip(xs, ys)))
+    assert fed[0][0, :len(xs[0]) + 3].tolist() == xs[0] + ys[0][:3]
 
 
 def uncached_rollout(m, ids, T, eos):
@@ -311,12 +328,33 @@ def test_kv_cached_teacher_equals_full_reforward(model):
     with ia2.lora_disabled(m):
         refs_eos = [uncached_rollout(m, p, 12, eos=eos) for p in prompts]
     assert len(refs_eos[0][0]) == k + 1
+    m.generation_config.eos_token_id = None  # generate() too stops at eos_id only (other EOS ids: the kd test)
     for eos_id, expected in ((-1, refs), (eos, refs_eos)):
         its = ia2.teacher(m, [dict(icl=p) for p in prompts], 12, eos_id, scores=True)
         for it, (toks, acts, logp) in zip(its, expected):
             assert it["y_icl"] == toks and it["A_icl"].shape == (2, len(toks), 32)
             torch.testing.assert_close(it["A_icl"], acts, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(it["logp_icl"], logp, atol=1e-5, rtol=1e-4)
+
+
+def test_kd_targets_stop_where_the_official_generate_stops(model):
+    """The official kd (tokl) trains on collect_icl_distributions: a generate() rollout that stops at every EOS
+    id of the generation_config (Qwen3 and Llama-3 Instruct list two or three), its step kept, no EOS
+    appended. Ŷ of ia2 goes on to the tokenizer's EOS (get_activations). Expected lengths: the official rule
+    applied to the uncached reference rollout."""
+    tok, m = model
+    prompts = [ia2.encode(tok, p) for p in ("Text:the film was good\nLabel:1\n\nText:the plot\nLabel:",
+                                            "Text:a story was very very dull\nLabel:0\n\nText:x")]
+    refs = [uncached_rollout(m, p, 12, eos=-1) for p in prompts]
+    second = next(y for y in refs[0][0][3:] if y not in refs[0][0][:3])  # first emitted at step >= 3
+    m.generation_config.eos_token_id = [1, second]
+    its = ia2.teacher(m, [dict(icl=p) for p in prompts], 12, eos_id=-1, scores=True)
+    for it, (toks, _, logp) in zip(its, refs):
+        n = next((i + 1 for i, y in enumerate(toks) if y in (1, second)), len(toks))  # generate() stops here
+        assert it["y_icl"] == toks and it["y_kd"] == toks[:n] and it["logp_icl"].shape[0] == n
+        torch.testing.assert_close(it["logp_icl"], logp[:n], atol=1e-5, rtol=1e-4)
+        assert ia2.target_of("kd", it) == toks[:n] and ia2.target_of("ia2", it) == toks
+    assert len(its[0]["y_kd"]) < len(its[0]["y_icl"])  # the second EOS cut the first rollout short
 
 
 def test_batched_generation_equals_batch_size_one(model):
@@ -370,39 +408,32 @@ def test_answer_parsing(task, text, expected):
     assert ia2.parse_answer(task, text) == expected
 
 
-@pytest.mark.parametrize("task, generation, gold, official, ours", [
-    # (official: the decision of the official utils.py parse_answer_gsm8k / parse_answer_boxed, run on these strings)
-    ("gsm8k", "She had 5 apples in 2020", "#### 5", True, True),  # a trailing year is not the answer
-    ("gsm8k", "Total cost $30 for 2 hours", "#### 30", True, True),  # a $ amount before the last number
-    ("gsm8k", "He paid $1,200 in 2019.", "#### 1200", True, True),
-    ("hmath_algebra", "$\\boxed{\\frac{1}{2}}$", "$\\boxed{\\dfrac{1}{2}}$", True, True),  # \dfrac is \frac
-    ("hmath_algebra", "$\\boxed{\\dfrac{1}{2}}$", "$\\boxed{\\frac{1}{2}}$", True, True),
-    # where ours deliberately decides otherwise (README, Deviations): the official decision is wrong
-    ("gsm8k", "It costs 3 dollars each and the discount is 0.25", "#### 0.25", False, True),  # units outrank
-    ("gsm8k", "#### 5", "#### -5", True, False),  # the official drops signs
-    ("gsm8k", "Answer: 10 apples. Then the answer is 12", "#### 12", False, True),  # "Answer:" outranks
-    ("gsm8k", "The answer for 3 days is 21", "#### 21", False, True),  # "answer " catches 3
-    ("gsm8k", "0.75 of the cake", "#### 0.75", False, True),  # numbers in (0, 1) skipped: the whole text
-    ("gsm8k", "The total is 2,000", "#### 2000", False, True),  # only a "year": the whole text
-    ("gsm8k", "\\boxed{x} so\n#### 7", "#### 7", False, True),  # a box without a number ends the search
-    ("gsm8k", "Result: 8 weeks, 56 days", "#### 56", False, True),
-    ("hmath_algebra", "\\boxed{3} or \\boxed{4}", "$\\boxed{4}$", False, True),  # from the first box to the
-    ("hmath_algebra", "$\\boxed{5}$ and $x^{2}$", "$\\boxed{5}$", False, True),  # line's last "}"
-    ("hmath_algebra", "\\boxed{5}\\boxed{6}", "\\boxed{6}", False, True),
-    ("hmath_algebra", "\\boxed{2}", "$x=\\boxed{2}$\nand $y=\\boxed{3}$", True, False),  # first vs last box
+@pytest.mark.parametrize("task, generation, gold, match", [
+    # where ia2.py takes the official utils.py decision (README, Deviations 17: checked once by running the
+    # official parse_answer_gsm8k / parse_answer_boxed on these strings; each expected match here is by hand)
+    ("gsm8k", "She had 5 apples in 2020", "#### 5", True),  # a trailing year is not the answer
+    ("gsm8k", "Total cost $30 for 2 hours", "#### 30", True),  # a $ amount before the last number
+    ("gsm8k", "He paid $1,200 in 2019.", "#### 1200", True),
+    ("hmath_algebra", "$\\boxed{\\frac{1}{2}}$", "$\\boxed{\\dfrac{1}{2}}$", True),  # \dfrac is \frac
+    ("hmath_algebra", "$\\boxed{\\dfrac{1}{2}}$", "$\\boxed{\\frac{1}{2}}$", True),
+    # where ia2.py deliberately decides otherwise, because the official decision is wrong (the official one
+    # is the opposite of `match` in every row below)
+    ("gsm8k", "It costs 3 dollars each and the discount is 0.25", "#### 0.25", True),  # units outrank
+    ("gsm8k", "#### 5", "#### -5", False),  # the official drops signs
+    ("gsm8k", "Answer: 10 apples. Then the answer is 12", "#### 12", True),  # "Answer:" outranks
+    ("gsm8k", "The answer for 3 days is 21", "#### 21", True),  # "answer " catches 3
+    ("gsm8k", "0.75 of the cake", "#### 0.75", True),  # numbers in (0, 1) skipped: the whole text
+    ("gsm8k", "The total is 2,000", "#### 2000", True),  # only a "year": the whole text
+    ("gsm8k", "\\boxed{x} so\n#### 7", "#### 7", True),  # a box without a number ends the search
+    ("gsm8k", "Result: 8 weeks, 56 days", "#### 56", True),
+    ("hmath_algebra", "\\boxed{3} or \\boxed{4}", "$\\boxed{4}$", True),  # from the first box to the
+    ("hmath_algebra", "$\\boxed{5}$ and $x^{2}$", "$\\boxed{5}$", True),  # line's last "}"
+    ("hmath_algebra", "\\boxed{5}\\boxed{6}", "\\boxed{6}", True),
+    ("hmath_algebra", "\\boxed{2}", "$x=\\boxed{2}$\nand $y=\\boxed{3}$", False),  # first vs last box
 ])
-def test_exact_match_decisions_against_the_official_parser(task, generation, gold, official, ours):
+def test_exact_match_decisions(task, generation, gold, match):
     pred, ref = ia2.parse_answer(task, generation), ia2.parse_answer(task, gold)
-    assert (pred is not None and pred == ref) == ours
-    assert ours == official or (task, generation) in DELIBERATE
-
-
-DELIBERATE = {("gsm8k", "It costs 3 dollars each and the discount is 0.25"), ("gsm8k", "#### 5"),
-              ("gsm8k", "Answer: 10 apples. Then the answer is 12"), ("gsm8k", "The answer for 3 days is 21"),
-              ("gsm8k", "0.75 of the cake"), ("gsm8k", "The total is 2,000"), ("gsm8k", "\\boxed{x} so\n#### 7"),
-              ("gsm8k", "Result: 8 weeks, 56 days"), ("hmath_algebra", "\\boxed{3} or \\boxed{4}"),
-              ("hmath_algebra", "$\\boxed{5}$ and $x^{2}$"), ("hmath_algebra", "\\boxed{5}\\boxed{6}"),
-              ("hmath_algebra", "\\boxed{2}")}
+    assert (pred is not None and pred == ref) == match
 
 
 @pytest.mark.parametrize("tokens, T, expected", [  # the official collect_icl_outputs, run (tokenizer EOS 2;
@@ -524,18 +555,32 @@ def test_best_dev_checkpoint_is_restored(model, capsys):
     tok, m = model
     ia2.add_lora(m)
     tr, dv = items(tok), items(tok, 2, 1)
+
+    def dev_ce():  # the dev loss of the adapter left in the model, by hand: mean CE of y at the last prompt token
+        with torch.no_grad():
+            return float(np.mean([-m(torch.tensor([it["x"]])).logits[0, -1].log_softmax(-1)[it["y_ids"][0]].item()
+                                  for it in dv]))
     cfg = ia2.Config(n_train=4, epochs=30, patience=3)
-    job, = ia2.train(m, "sft", [ia2.Job(3e-1, 0, tr, dv)], cfg, lambda job: "t")  # a high lr overshoots
-    best = job.best
+    ia2.train(m, "sft", [ia2.Job(3e-1, 0, tr, dv)], cfg, lambda job: "t")  # a high lr overshoots
     devs = [float(line.split("dev ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "| dev" in line]
     assert len(devs) == 3 + devs.index(min(devs)) + 1  # stopped `patience` checks after the best
-    assert devs[-1] > min(devs) and best == pytest.approx(min(devs), abs=1e-4)
-    # the adapter left in the model is the best one, not the last one
-    assert ia2.objective_loss(m, "sft", dv).mean().item() == pytest.approx(best, abs=1e-6)
+    assert devs[-1] > min(devs) + 1e-3
+    assert dev_ce() == pytest.approx(min(devs), abs=1e-4)  # the adapter left is the best one, not the last one
     ia2.train(m, "sft", [ia2.Job(3e-1, 0, tr, dv)], ia2.Config(n_train=4, epochs=30, patience=3, restore="last"), str)
     last = [float(line.split("dev ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "| dev" in line]
     assert last == devs  # the same training; --restore last keeps its last adapter, as the official code does
-    assert ia2.objective_loss(m, "sft", dv).mean().item() == pytest.approx(last[-1], abs=1e-4)
+    assert dev_ce() == pytest.approx(last[-1], abs=1e-4)
+
+
+def test_dev_checks_every_2_steps_and_at_each_epoch_end(model, capsys):
+    """The paper's early-stopping rule: a dev check every 2 steps and at each epoch's end. N=10 in batches of 4
+    gives epochs of 3 steps (4 + 4 + 2 examples): checks after steps 2, 3, 4, 6, 8, 9 in 3 epochs."""
+    tok, m = model
+    ia2.add_lora(m)
+    ia2.train(m, "sft", [ia2.Job(1e-4, 0, items(tok, 10), items(tok, 2, 1))],
+              ia2.Config(n_train=10, epochs=3, patience=99), lambda job: "t")
+    steps = [int(line.split("step ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "| dev" in line]
+    assert steps == [s for s in range(1, 10) if s % 2 == 0 or s % 3 == 0]
 
 
 def test_ece_known_answers():
@@ -550,6 +595,10 @@ def test_ece_known_answers():
     assert ia2.ece_equal_width(conf, correct) == pytest.approx(0.225 + 0.1125 + 0.075)
     sizes = [len(b) for b in ia2.equal_mass_bins(np.random.rand(500))]
     assert sizes == [33] * 14 + [38]
+    # the remainder goes to the most confident bin: n=5 in 2 bins: (.1,0) (.2,0) | (.3,1) (.4,1) (.5,0)
+    # -> 2/5·|0-.15| + 3/5·|2/3-.4| = .06 + .16 (sorted the other way it would be .02 + .08)
+    conf, correct = np.array([.3, .5, .1, .4, .2]), np.array([1., 0, 0, 1, 0])
+    assert ia2.ece(conf, correct, n_bins=2) == pytest.approx(0.22)
 
 
 def test_metrics_top1_label_accuracy_and_renormalised_confidence(model):
@@ -564,6 +613,20 @@ def test_metrics_top1_label_accuracy_and_renormalised_confidence(model):
     assert r["label_accuracy"] == pytest.approx(100)  # a tie counts as right (p_true >= p_other)
     conf = np.array([.6 / .8, .5 / .8, .4 / .8])  # top-1 renormalised over the top 10
     assert r["ece"] == pytest.approx(ia2.ece(conf, np.array([1., 0, 0])))
+    # equal width takes the raw top-1 probability: .6, .5, .4 fall in three bins -> (.4 + .5 + .4) / 3
+    assert r["ece_equal_width"] == pytest.approx(1.3 / 3)  # (renormalised: (.25 + .625 + .5) / 3)
+    assert r["predicted"] == pytest.approx([100 / 3, 100 / 3, 100 / 3])  # "0", "1", another token
+
+
+def test_top1_matches_labels_with_or_without_their_leading_space(model):
+    """Correct iff decode(argmax).strip() == the label string, stripped (spec §7): a " positive" token is the
+    label "positive", and a " positive" label (--labels ' negative' ' positive') is matched by it too."""
+    tok, _ = model
+    ids = {w: tok(w, add_special_tokens=False).input_ids for w in (" positive", " negative", " film")}
+    assert all(len(v) == 1 for v in ids.values())
+    top_id = np.array([[ids[w][0]] * 10 for w in (" positive", " negative", " film")])
+    for labels in (["negative", "positive"], [" negative", " positive"]):
+        assert ia2.top1_label(top_id, tok, labels).tolist() == [1, 0, 2]
 
 
 # -----------------------------------------------------------------------------
@@ -679,6 +742,21 @@ def test_loaders_order_their_records_as_the_official_ones(monkeypatch):
     assert ids(ev) == [29, 17, 28, 13, 24, 20, 12, 37, 5, 0, 32, 9, 21, 36, 4, 8, 33, 1, 25, 16]
 
 
+def test_training_prompts_put_the_demos_in_the_order_of_the_split(model):
+    """Query i's ICL prompt is the other N-1 training examples in the order orders[i] (not sorted), each
+    "X+answer", then a blank line each, then X_i; dev example j reuses query j's demos. Built here by hand."""
+    tok, _ = model
+    pool = [(f"Text:the film number {i}\nLabel:", i % 2) for i in range(30)]
+    train, dev, _, orders = ia2.few_shot_split(pool, 6, seed=2)
+    assert any(o != sorted(o) for o in orders)
+    tr_items, dv_items = ia2.training_items(tok, ["0", "1"], train, dev, orders)
+    shot = lambda k: train[k][0] + str(train[k][1])
+    for i, it in enumerate(tr_items):
+        assert tok.decode(it["icl"]) == "".join(shot(k) + "\n\n" for k in orders[i]) + train[i][0]
+    for j, it in enumerate(dv_items):
+        assert tok.decode(it["icl"]) == "".join(shot(k) + "\n\n" for k in orders[j]) + dev[j][0]
+
+
 @pytest.mark.parametrize("pool_size, n, r, train, dev, orders", [  # the official create_training_datasets.py, run
     (30, 4, 0, [2, 28, 13, 10], [26, 24], [[2, 3, 1], [3, 2, 0], [0, 3, 1], [0, 1, 2]]),
     (30, 8, 0, [2, 28, 13, 10, 26, 24, 27, 11], [17, 22, 5, 16],
@@ -759,6 +837,18 @@ def test_cli_end_to_end_and_reproducible(tiny):
     assert json.loads((tiny["root"] / "out2" / "results.json").read_text())["summary"]["sst2"] == res
 
 
+def test_multi_token_accuracy_is_exact_match_of_the_parsed_answers(monkeypatch):
+    """evaluate() on a generation task, with the generations given: accuracy = the share of examples whose parsed
+    generation equals the parsed gold answer (None never matches), per set of prompts. By hand: 2/4 and 1/4."""
+    gold = np.array(["so 2+3=5\n#### 5", "#### 8", "#### 1", "x\n#### 3"], dtype=object)
+    texts = ["it is 5", "#### 7", "no number here", "The answer is 3.",  # set 0: right, wrong, none, right
+             "#### 5", "#### 5", "#### 5", "#### 5"]  # set 1: only the first is right
+    monkeypatch.setattr(ia2, "generate_texts", lambda model, tok, seqs, max_new, slots=None: texts[:len(seqs)])
+    ev = ia2.Task("gsm8k", ia2.TASKS["gsm8k"], None, None, [], [("q", g) for g in gold], [[1]] * 4, gold)
+    S = ia2.Setup(ia2.Config(task="gsm8k"), None, None, ev, [ev])
+    assert ia2.evaluate(S, ev, [[[1]] * 4, [[1]] * 4]) == [dict(accuracy=50.0), dict(accuracy=25.0)]
+
+
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -789,19 +879,62 @@ def test_cli_multi_token_and_ood(tiny):
     assert p.returncode == 0, p.stderr
     report = (tiny["root"] / "gsm-out" / "report.md").read_text()
     assert "| gsm8k | icl | 1 |" in report and "| gsm8ks | sft | 1 |" in report and "gap wrt SFT" in report
+    assert "| gsm8k | – |" in report  # no majority class for a generation task
 
 
-def test_cli_single_token_ood(tiny):
+def test_cli_single_token_ood(tiny, monkeypatch, capsys):
+    """The OOD protocol (§5): the ICL baseline puts N-1 demos of the source task (its held-out pool, its labels)
+    before each query of the OOD task; the adapters read the OOD queries alone."""
     fin = tiny["root"] / "finsen.csv"
     fin.write_text("text,label\n" + "".join(f"the plot was {'good' if i % 2 else 'bad'} {i},{i % 2}\n" for i in range(12)))
-    p = cli(tiny, "--data", tiny["data"], f"finsen={fin}", "--eval-tasks", "sst2", "finsen", "--n-train", "4",
-            "--runs", "1", "--eval-size", "10", "--epochs", "1", "--lr", "1e-3",
-            "--methods", "zero_shot", "icl", "ia2", "kd", out="ood")
-    assert p.returncode == 0, p.stderr
+    seen, evaluate = [], ia2.evaluate
+    def spy(S, ev, prompt_sets, *a, **k):
+        seen.append((ev, [[S.tok.decode(p) for p in ps] for ps in prompt_sets], k.get("tag", a[2] if len(a) > 2 else "")))
+        return evaluate(S, ev, prompt_sets, *a, **k)
+    monkeypatch.setattr(ia2, "evaluate", spy)
+    ia2.main(["--model", tiny["model"], "--data", tiny["data"], f"finsen={fin}", "--eval-tasks", "sst2", "finsen",
+              "--n-train", "4", "--runs", "2", "--eval-size", "10", "--epochs", "1", "--lr", "1e-3",
+              "--methods", "zero_shot", "icl", "ia2", "kd", "--out", str(tiny["root"] / "ood")])
+    capsys.readouterr()
+    with open(tiny["data"]) as f:
+        source = {f"Text:{row['text']}\nLabel:{row['label']}" for row in csv.DictReader(f)}
+    icl = [(ev, sets) for ev, sets, tag in seen if tag.startswith("icl") and ev.name == "finsen"]
+    assert len(icl) == 1 and len(icl[0][1]) == 2  # one prompt set per run
+    ev, sets = icl[0]
+    for prompts in sets:
+        for prompt, (x, _) in zip(prompts, ev.eval_set):
+            *demos, query = prompt.split("\n\n")
+            assert query == x and "Text:the plot was" in x  # the OOD query
+            assert len(demos) == 3 and all(d in source for d in demos)  # N-1 demos of the source task
+    assert sets[0] != sets[1]  # each run draws its own demos
+    trained = [sets for e, sets, tag in seen if tag.startswith("ia2") and e.name == "finsen"]
+    assert trained and all(p == x for sets in trained for ps in sets for p, (x, _) in zip(ps, ev.eval_set))
     res = json.loads((tiny["root"] / "ood" / "results.json").read_text())
     assert set(res["summary"]) == {"sst2", "finsen"} and set(res["summary"]["finsen"]) == {"zero_shot", "icl", "ia2", "kd"}
     assert set(res["summary"]["finsen"]["kd"]["mean"]) == set(ia2.METRICS)
     assert json.loads((tiny["root"] / "ood" / "config.json").read_text())["eval_size"] == {"sst2": 10, "finsen": 6}
+
+
+def test_labels_with_a_leading_space_run_end_to_end(tiny, capsys):
+    """--labels ' negative' ' positive' (README): one token each with the space; SFT's top-1 accuracy recomputed
+    here from its saved adapter in peft: argmax token, decoded and stripped, equals the stripped label."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    out = tiny["root"] / "spaced"
+    ia2.main(["--model", tiny["model"], "--data", tiny["data"], "--labels", " negative", " positive", "--runs", "1",
+              "--eval-size", "10", "--epochs", "5", "--lr", "1e-2", "--methods", "sft", "--out", str(out)])
+    capsys.readouterr()
+    tok, meta = ia2.load_tokenizer(tiny["model"]), json.loads((out / "config.json").read_text())
+    assert meta["label_token_ids"] == [tok(s, add_special_tokens=False).input_ids[0] for s in (" negative", " positive")]
+    _, eval_set = ia2.load_task(ia2.Config(eval_size=10), "sst2", [" negative", " positive"], tiny["data"])
+    sft = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]),
+                                         ia2.adapter_dir(str(out), "sft", 1e-2, None, 0)).eval()
+    with torch.no_grad():
+        top = [tok.decode([int(sft(torch.tensor([ia2.encode(tok, x)])).logits[0, -1].argmax())]) for x, _ in eval_set]
+    assert {" negative", " positive"} & set(top)  # the adapter answers with the spaced label tokens
+    expected = 100 * np.mean([t.strip() == ["negative", "positive"][y] for t, (_, y) in zip(top, eval_set)])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [x["accuracy"] for x in rows] == [pytest.approx(expected)] and expected > 0
 
 
 def test_list_tasks():
@@ -931,12 +1064,27 @@ def test_bad_rows_are_named(tiny, body, message):
         ia2.load_task(ia2.Config(eval_size=2), "sst2", ["0", "1"], str(path))
 
 
-def test_a_healthy_row_beside_an_empty_one_is_not_blamed_and_one_class_is_warned(tiny, capsys):
+def test_a_one_class_file_and_a_short_eval_set_are_warned_about(tiny, capsys):
     path = write_rows(tiny["root"] / "one-class.csv", ["text", "label"], [(f"good {i}", 1) for i in range(12)])
     pool, ev = ia2.load_task(ia2.Config(eval_size=100), "sst2", ["0", "1"], path)
     err = capsys.readouterr().err
     assert "every example has label '1'" in err and "its last 6 (at most half) are the eval set, not --eval-size 100" in err
     assert len(ev) == 6 and all(isinstance(y, int) for _, y in pool + ev)
+
+
+def test_each_eval_task_selects_its_own_setting(model, tmp_path):
+    """§5 per table: each eval task's (lr) is the best mean accuracy over runs on that task's rows, computed here
+    by hand: sst2 -> 1e-3 (80 > 70), finsen -> 1e-4 (60 > 50)."""
+    tok, m = model
+    acc = {("sst2", 1e-3): (80, 80), ("sst2", 1e-4): (70, 70), ("finsen", 1e-3): (50, 50), ("finsen", 1e-4): (55, 65)}
+    rows = [dict(task=task, method="sft", lr=lr, beta=None, run=r, accuracy=a, dev_loss=1.0)
+            for (task, lr), accs in acc.items() for r, a in enumerate(accs)]
+    task = lambda name: ia2.Task(name, ia2.TASKS[name], ["0", "1"], [5, 6], [], [], [], np.array([0, 1, 1]))
+    S = ia2.Setup(ia2.Config(), tok, m, task("sst2"), [task("sst2"), task("finsen")])
+    ia2.write_outputs(S, str(tmp_path), rows, {})
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert summary["sst2"]["sft"]["lr"] == 1e-3 and summary["finsen"]["sft"]["lr"] == 1e-4
+    assert summary["finsen"]["sft"]["mean"]["accuracy"] == 60
 
 
 def test_tables_show_the_majority_class_and_what_each_method_answers(tiny):
@@ -1013,37 +1161,63 @@ def test_offline_fails_fast_with_what_to_pass_instead(tiny):
     run = lambda env, *args: subprocess.run([sys.executable, os.path.join(HERE, "ia2.py"), *args, "--eval-size", "20",
                                              "--out", str(tiny["root"] / "never")], capture_output=True, text=True,
                                             env=env, timeout=60)
-    t = time.time()
-    p = run(env, "--model", "nobody/no-such-model")
+    p = run(env, "--model", "nobody/no-such-model")  # (timeout=60: minutes of retries would fail it)
     line = our_line(p.stderr)
-    assert p.returncode == 2 and time.time() - t < 10, p.stderr
+    assert p.returncode == 2, p.stderr
     assert "Hub cannot be reached: pass --model FOLDER" in line and "--data FILE" in line and "HF_HUB_OFFLINE=1" in line
     p = run(env, "--model", tiny["model"], "--data", f"sst2={tiny['data']}", "--eval-tasks", "sst2", "poems")
     assert p.returncode == 2 and f"pass --data sst2={tiny['data']} poems=FILE," in our_line(p.stderr)
-    t = time.time()
     p = run(dict(env, HF_HUB_OFFLINE="1"), "--model", "nobody/no-such-model", "--data", tiny["data"])
     line = our_line(p.stderr)
-    assert p.returncode == 2 and time.time() - t < 10, p.stderr
+    assert p.returncode == 2, p.stderr
     assert "cannot load model 'nobody/no-such-model'" in line and "--model FOLDER" in line
+
+
+def test_the_hub_probe_waits_3_seconds_and_nothing_else_runs(tiny, monkeypatch):
+    """Fast in seconds, not by the clock of a busy machine: the one look at the Hub has a 3 s timeout, and its
+    failure stops the run before a library call could start its own minutes of retries."""
+    import urllib.request
+    asked = []
+    def unreachable(request, timeout):
+        asked.append(timeout)
+        raise OSError("no route to host")
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(ia2, "load_tokenizer", lambda name: pytest.fail("the model was asked for"))
+    with pytest.raises(ia2.IA2Error, match="Hub cannot be reached"):
+        ia2.setup(ia2.Config(model="nobody/no-such-model", data=tiny["data"]))
+    assert asked == [3]
+
+
+# ia2.main in a subprocess whose first saved adapter sends the process a real signal: the event, not a clock,
+# decides where the signal lands
+SIGNAL_AFTER_FIRST_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import ia2
+save = ia2.save_adapter
+def save_then_signal(*args, **kwargs):
+    save(*args, **kwargs)
+    ia2.save_adapter = save
+    os.kill(os.getpid(), signal.{name})
+ia2.save_adapter = save_then_signal
+ia2.main(sys.argv[1:])
+"""
 
 
 def test_ctrl_c_keeps_finished_adapters_and_results_in_partial(tiny):
     out = tiny["root"] / "sigint"
-    cmd = [sys.executable, os.path.join(HERE, "ia2.py"), "--model", tiny["model"], "--data", tiny["data"],
-           "--out", str(out), "--n-train", "4", "--runs", "3", "--eval-size", "10", "--lr", "1e-3"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = out.parent / "sigint.partial" / "adapters" / "sft" / "lr0.001" / "run0" / "adapter_config.json"
-    t = time.time()
-    while not first.exists() and p.poll() is None and time.time() - t < 300:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=120)
-    assert p.returncode == 130
-    assert f"interrupted; the adapters and results finished so far are in {out}.partial/" in our_line(stderr)
-    assert not out.exists() and first.exists()
-    res = json.loads((out.parent / "sigint.partial" / "results.json").read_text())
-    assert res["interrupted"] and res["summary"]["sst2"]["sft"]["runs"][0]["run"] == 0
-    assert "(interrupted" in (out.parent / "sigint.partial" / "results.md").read_text()
+    code = SIGNAL_AFTER_FIRST_SAVE.format(here=HERE, name="SIGINT")
+    p = subprocess.run([sys.executable, "-c", code, "--model", tiny["model"], "--data", tiny["data"], "--out", str(out),
+                        "--n-train", "4", "--runs", "3", "--eval-size", "10", "--lr", "1e-3", "--methods", "sft", "ia2"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 130, p.stderr
+    assert our_line(p.stderr) == f"ia2.py: interrupted; the adapters and results finished so far are in {out}.partial/"
+    partial = out.parent / "sigint.partial"
+    assert not out.exists() and os.listdir(partial / "adapters" / "sft" / "lr0.001") == ["run0"]
+    res = json.loads((partial / "results.json").read_text())
+    assert res["interrupted"] and [x["run"] for x in res["rows"]] == [0, 1, 2]  # sft's rows, ia2 never began
+    assert "(interrupted" in (partial / "results.md").read_text()
 
 
 def test_ctrl_c_while_adapters_are_saved_keeps_the_method_s_results(tiny, monkeypatch):
@@ -1117,9 +1291,9 @@ def test_sign_flip_p_and_the_paired_comparison():
     method = lambda runs: dict(mean=dict(accuracy=float(np.mean([x["accuracy"] for x in runs]))), runs=runs)
     res = dict(summary=dict(sst2=dict(
         icl=method([run(0, 60, .1), run(1, 62, .1)]), sft=method([run(1, 50, .3), run(0, 55, .2)]),
-        ia2_then_sft=method([run(0, 70, .1), run(1, 71, .2)]))))
+        ia2_then_sft=method([run(0, 70, .1), run(1, 71, .2)]))), majority=dict(sst2=dict(label="1", accuracy=67.0)))
     text = ev.comparison(res)
-    assert "| sst2 | 61.0 | 52.5 | – | 70.5 | +9.5 | +18.0 |" in text  # Table 5: means and gaps
+    assert "| sst2 | 67.0 | 61.0 | 52.5 | – | 70.5 | +9.5 | +18.0 |" in text  # Table 5: means and gaps
     assert "| sst2 | sft | 2 | +18.0 | 0.500 | -0.100 | 0.500 |" in text  # run 0: +15, -.1; run 1: +21, -.1
     assert "| sst2 | icl | 2 | +9.5 | 0.500 | +0.050 | 1.000 |" in text  # ECE: 0 and +.1, every flip ties
 
@@ -1151,15 +1325,74 @@ def test_eval_end_to_end_report_figures_and_sweep(tiny):
         assert a["max_abs_diff_vs_results_json"] < 1e-6  # saved adapters reload to the same predictions
         assert set(a["methods"]) == set(ia2.METHODS) - {"kd"} and a["asim_examples"] == 5
         assert len(a["methods"]["ia2"]["runs"]) == 2 and len(a["methods"]["ia2"]["runs"][0]["asim_layers"]) == 2
-        assert a["overlap"]["sft"]["sft"] == pytest.approx(1.0)
         assert "| ia2_then_sft |" in open(os.path.join(f, "report.md")).read()
         for png in ("asim.png", "reliability.png"):
             assert open(os.path.join(f, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    check_analysis_independently(tiny, folders[1])
     assert "N=2 | N=4" in (tiny["root"] / "sweep" / "sweep.md").read_text()
     assert (tiny["root"] / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(tiny["root"] / "nothing")],
                        capture_output=True, text=True, cwd=tiny["root"])
     assert p.returncode == 2 and "not a finished ia2.py run folder" in our_line(p.stderr)
+
+
+def last_token_acts(layers, model, prompts) -> torch.Tensor:
+    """(n, L, D): each layer's self_attn output at the last token, by plain hooks, one prompt at a time."""
+    out = []
+    for ids in prompts:
+        acts = []
+        hooks = [layer.self_attn.register_forward_hook(lambda mod, a, o: acts.append(o[0][0, -1])) for layer in layers]
+        try:
+            with torch.no_grad():
+                model(torch.tensor([ids]))
+        finally:
+            for h in hooks:
+                h.remove()
+        out.append(torch.stack(acts))
+    return torch.stack(out)
+
+
+def check_analysis_independently(tiny, folder):
+    """eval.py's asim, overlap and comparison cells against numbers computed here another way: the adapters
+    loaded by peft, activations by plain hooks, the ICL teacher (run r's N-1 held-out demos) rebuilt from the
+    config, ΔW's subspace by a full SVD, the means and gaps from results.json's rows."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    a = json.loads(open(os.path.join(folder, "analysis.json")).read())
+    res = json.loads(open(os.path.join(folder, "results.json")).read())
+    cfg = ia2.Config(**json.loads(open(os.path.join(folder, "config.json")).read())["config"])
+    tok, labels, k = ia2.load_tokenizer(cfg.model), ["0", "1"], a["asim_examples"]
+    pool, eval_set = ia2.load_task(cfg, "sst2", labels, cfg.data[0])
+    base = AutoModelForCausalLM.from_pretrained(cfg.model).eval()
+    queries = [ia2.encode(tok, x) for x, _ in eval_set[:k]]
+    for r in range(cfg.runs):  # asim: each run's adapter without demos against the base model with its demos
+        rest = ia2.few_shot_split(pool, cfg.n_train, cfg.seed + r)[2]
+        teacher = last_token_acts(base.model.layers, base, ia2.icl_eval_prompts(tok, labels, rest, eval_set[:k],
+                                                                                cfg.n_train - 1, cfg.seed + r))
+        for m in ("sft", "ia2"):
+            folder_m = ia2.adapter_dir(folder, m, 1e-3, None, r)
+            student = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model), folder_m).eval()
+            s = last_token_acts(student.base_model.model.model.layers, student, queries)
+            sim = torch.nn.functional.cosine_similarity(s, teacher, dim=-1).mean().item()
+            assert a["methods"][m]["runs"][r]["asim"] == pytest.approx(sim, abs=1e-5), (m, r)
+
+    def basis(w, n):  # the top-r left singular vectors of the full ΔW = B·A
+        return torch.linalg.svd(w[n + ".lora_B.weight"].double() @ w[n + ".lora_A.weight"].double())[0][:, :cfg.rank]
+    per_run = []
+    for r in range(cfg.runs):
+        w1, w2 = (load_file(ia2.adapter_dir(folder, m, 1e-3, None, r) + "/adapter_model.safetensors") for m in ("sft", "ia2"))
+        names = [n[:-len(".lora_A.weight")] for n in w1 if n.endswith(".lora_A.weight")]
+        per_run.append(np.mean([(basis(w1, n).T @ basis(w2, n)).pow(2).sum().item() / cfg.rank for n in names]))
+    assert a["overlap"]["sft"]["ia2"] == pytest.approx(np.mean(per_run), abs=1e-6)
+    mean = {m: np.mean([x["accuracy"] for x in res["rows"] if x["method"] == m and x["task"] == "sst2"])
+            for m in ("icl", "sft", "ia2", "ia2_then_sft")}  # one lr: the selected one
+    gold = [y for _, y in eval_set]
+    majority = 100 * max(gold.count(0), gold.count(1)) / len(gold)
+    line = (f"| sst2 | {majority:.1f} | {mean['icl']:.1f} | {mean['sft']:.1f} | {mean['ia2']:.1f} | "
+            f"{mean['ia2_then_sft']:.1f} | {mean['ia2_then_sft'] - mean['icl']:+.1f} | "
+            f"{mean['ia2_then_sft'] - mean['sft']:+.1f} |")
+    assert line in open(os.path.join(folder, "report.md")).read()
 
 
 # -----------------------------------------------------------------------------
