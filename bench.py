@@ -14,6 +14,7 @@ against the official full re-forward of the whole sequence at every step, on the
 T tokens. Checks that both give the same tokens and activations.
 """
 import argparse
+import os
 import time
 
 import numpy as np
@@ -115,10 +116,47 @@ def grid_speed(S, K, queries, repeats):
     return rows
 
 
+PHRASES = (["a charming and affecting journey", "wonderful acting", "a smart script", "the best film of the year",
+            "funny and warm", "beautifully made"],
+           ["a dull lifeless mess", "the plot makes no sense", "boring from start to finish", "a waste of a fine cast",
+            "clumsy and tedious", "flat jokes"])  # negative, positive: label 0 for PHRASES[1], 1 for PHRASES[0]
+
+
+def make_proxy(folder: str, n_rows: int = 3000):
+    """The speed proxy: a random Qwen3 with Qwen3-0.6B's depth (28 layers) but 64-wide layers and a 400-token
+    byte-level BPE tokenizer, so that its CPU time is the framework's per-operation cost (the regime of a small
+    model on a GPU); and n_rows sst2-format sentences made of its words (1-4 phrases of one sentiment)."""
+    import csv
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    rng = np.random.RandomState(0)
+    rows = []
+    for _ in range(n_rows):
+        y = int(rng.randint(2))
+        rows.append((", ".join(rng.choice(PHRASES[1 - y], rng.randint(1, 5))), y))
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    corpus = [f"Text:{t}\nLabel:{y}\n\n" for t, y in rows[:500]] + ["Question:", "Answer:", "#### 42"] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    model_dir = os.path.join(folder, "deep")
+    tok.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=28,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
+                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    Qwen3ForCausalLM(config).save_pretrained(model_dir)
+    with open(os.path.join(folder, "proxy_words.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label")] + rows)
+    print(f"{model_dir}: Qwen3, 28 layers x 64 wide, vocab {len(tok)}; {folder}/proxy_words.csv: {n_rows} rows")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--model")
+    p.add_argument("--data")
+    p.add_argument("--make-proxy", metavar="FOLDER", help="write the speed proxy: FOLDER/deep and FOLDER/proxy_words.csv")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--n-train", type=int, default=4)
     p.add_argument("--jobs", type=int, default=15, help="adapters trained together (3 lrs x 5 runs by default)")
@@ -128,6 +166,8 @@ def main():
     p.add_argument("--demos", type=int, default=3, help="--rollout: demos per ICL prompt (N-1; paper N=4)")
     p.add_argument("--prompts", type=int, default=2, help="--rollout: prompts timed")
     a = p.parse_args()
+    if a.make_proxy:
+        return make_proxy(a.make_proxy)
     cfg = ia2.Config(model=a.model, data=(a.data,), n_train=a.n_train, runs=5, eval_size=a.queries, device=a.device)
     S = ia2.setup(cfg)
     if a.rollout:

@@ -33,6 +33,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -110,9 +111,12 @@ class Config:
     max_new_tokens: int = arg(None, "multi-token tasks: rollout length T and generation limit (paper: 200; "
                               "hmath_algebra's evaluation 400)", AT_LEAST(1))
     seed: int = arg(0, "run r seeds its split, demo order, LoRA init and shuffles with seed + r (paper: r)")
-    device: str = arg("auto", "auto, cuda, mps or cpu; bf16 base on cuda. Rows per forward: on cuda as many as half "
-                      "the free memory holds (estimated from the config), else 2048 tokens",
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu. Rows per forward: on cuda as many as "
+                      "half the free memory holds (README), else 2048 tokens",
                       (lambda v: v in ("auto", "cuda", "mps", "cpu"), "auto, cuda, mps or cpu"))
+    dtype: str = arg("auto", "the base model's dtype: auto (bfloat16 on a GPU that computes it natively, else "
+                     "float32; README), bfloat16, float16 or float32. Adapters, logits and losses are fp32",
+                     (lambda v: v in ("auto", "bfloat16", "float16", "float32"), "auto, bfloat16, float16 or float32"))
     out: str = arg(None, "output folder; unset: runs/<task>-<model>-n<N>-<time>")
     list_tasks: bool = arg(False, "print the task table and exit")
 
@@ -139,12 +143,18 @@ def set_seed(seed: int):
     torch.manual_seed(seed)
 
 
-def pick_device(name: str):
+def pick_device(name: str, dtype: str = "auto"):
+    """The device and the base model's dtype. auto: bf16 on a GPU with native bf16 (compute capability >= 8: A100,
+    H100, RTX 30xx on); fp32 on older GPUs (T4, V100: bf16 is emulated there, slowly, and fp16's range overflows in
+    some models' activations), on a Mac and on a CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
         raise IA2Error(f"--device {name}: torch sees no {name.upper()} device")
-    return torch.device(name), torch.bfloat16 if name == "cuda" else torch.float32
+    if dtype == "auto":
+        native_bf16 = name == "cuda" and torch.cuda.get_device_capability()[0] >= 8
+        dtype = "bfloat16" if native_bf16 else "float32"
+    return torch.device(name), getattr(torch, dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -504,8 +514,10 @@ def capture_activations(model):
 
 
 def lm_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """fp32 logits from final hidden states; the LM head runs only where it is read (V is large)."""
-    logits = model.lm_head(h).float()
+    """Logits from final hidden states, the LM head in fp32 (in bf16 a logit of 20 would be rounded by up to 0.06),
+    and only where they are read (V is large)."""
+    head = model.lm_head
+    logits = F.linear(h.float(), head.weight.float(), None if head.bias is None else head.bias.float())
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma
     return cap * torch.tanh(logits / cap) if cap else logits
 
@@ -524,22 +536,44 @@ def forward(model, prompts: list, targets=None, capture=False, logits=True, slot
     at = (torch.tensor([len(x) - 1 for x in prompts])[:, None] + torch.arange(T)).clamp(max=R - 1).to(dev)  # d+t
     rows = torch.arange(len(seqs), device=dev)[:, None]
     with adapters(model, slots), capture_activations(model) if capture else contextlib.nullcontext() as acts:
-        h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        h = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     return (lm_logits(model, h[rows, at]) if logits else None,
             torch.stack([a[rows, at] for a in acts], 1) if capture else None)
 
 
+# Bytes that autograd keeps per token and layer, per unit of the widths D (hidden), Dq (heads x head_dim), Dkv
+# (kv heads x head_dim) and D_mlp, for a base model of 2-byte (bf16, fp16) or 4-byte floats with K LoRA adapters:
+# fitted to saved-tensor measurements of Qwen3 (exact there; Llama, Qwen2, Gemma 3 within ±30 %: tested).
+SAVED = {2: (16.3, 12.6, 8.3, 6.0), 4: (12.3, 12.6, 12.3, 12.0)}
+
+
+def bytes_per_token(model, grad: bool) -> float:
+    """The memory one token of a forward pass takes: with gradients, what every layer saves for the backward
+    (SAVED); without, a rollout's KV cache and one layer's activations."""
+    c, b = model.config, model.dtype.itemsize
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    widths = (c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size)
+    if grad:
+        return c.num_hidden_layers * sum(k * w for k, w in zip(SAVED[min(b, 4)], widths))
+    return 2 * b * c.num_hidden_layers * widths[2] + 4 * b * (widths[0] + widths[3])
+
+
 def token_budget(model, grad: bool) -> int:
-    """Tokens (rows x padded length) per forward pass. On a GPU as many as half its free memory holds, at a cost
-    per token estimated from the config: with gradients, every layer's saved activations and fp32 logits (and
-    their gradient); without, a rollout's KV cache and one MLP. On a CPU 2048: larger batches are no faster."""
+    """Tokens (rows x padded length) per forward pass. On a GPU, as many as half of its free and reusable (cached)
+    memory holds, less the fp32 copy of the LM head that lm_logits makes. On a CPU or a Mac 2048: on a CPU larger
+    batches are not faster."""
     if model.device.type != "cuda":
         return 2048
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_token = (2 * c.num_hidden_layers * (10 * c.hidden_size + 4 * c.intermediate_size) + 12 * c.vocab_size if grad
-                 else 4 * c.num_hidden_layers * c.num_key_value_heads * head_dim + 8 * c.intermediate_size)
-    return max(512, int(torch.cuda.mem_get_info(model.device)[0] / 2 / per_token))
+    dev = model.device
+    free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return max(512, int((free - 4 * model.lm_head.weight.numel()) / 2 / bytes_per_token(model, grad)))
+
+
+def read_tokens(model, grad: bool, per_read: int) -> float:
+    """What a position whose logits are computed costs, in tokens of the budget: per_read·V bytes (with gradients
+    12: fp32 logits, their log-softmax and its gradient; kd 24, with the teacher's log-probabilities; without 8).
+    0 on a CPU, whose budget counts tokens alone."""
+    return per_read * model.config.vocab_size / bytes_per_token(model, grad) if model.device.type == "cuda" else 0.0
 
 
 def spans(lengths: list, budget: int) -> list:
@@ -557,36 +591,64 @@ def spans(lengths: list, budget: int) -> list:
 # 4. The teacher: the base model reading the N-1 demos, then the query (§3, §4)
 
 
+@contextlib.contextmanager
+def pads_zeroed(model, pad: torch.Tensor):
+    """Inside the block, every layer's self-attention output is 0 at the positions that pad (B, R) marks. A left
+    pad's query has no key to attend to: CPU kernels return 0 there, some GPU kernels NaN, which 0·NaN then carries
+    into every real row of the next layer (README). With this, every backend gives the rows the CPU's numbers."""
+    def zero(mod, args, out):
+        return (out[0].masked_fill(pad[..., None], 0), *out[1:]) if isinstance(out, tuple) else out.masked_fill(
+            pad[..., None], 0)
+    handles = [layer.self_attn.register_forward_hook(zero) for layer in model.model.layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def generate(model, prompts: list, max_new: int, eos: set, stop=None, capture=False, scores=False, slots=None):
     """Greedy decoding with a KV cache, row i through adapter slots[i]: the teacher rollout (§3), the evaluation
-    (§5). Left padding puts every prompt's last token in the last column; position_ids = cumsum(mask)-1 give
-    each row the positions it has alone (tested). A row ends after an id in `eos` (kept, with its activations,
-    as in the official rollout) or once stop(tokens). Per row: tokens (T',), acts (L, T', D) in the base dtype,
-    logp (T', V) fp32 on the CPU. A test checks them against the official re-forward of the whole sequence."""
-    B, R = len(prompts), max(map(len, prompts))
-    ids = torch.tensor([[model.config.pad_token_id or 0] * (R - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (R - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    pos, cache = (mask.cumsum(1) - 1).clamp(min=0), kv_cache(model)
-    tokens, done, acts_t, logp_t = [[] for _ in range(B)], [False] * B, [], []
-    for _ in range(max_new):
-        with adapters(model, slots), capture_activations(model) if capture else contextlib.nullcontext() as acts:
-            out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache)
-        logits = lm_logits(model, out.last_hidden_state[:, -1])  # (B, V); the cache grew in place
-        if capture:
-            acts_t.append(torch.stack([a[:, -1] for a in acts], 1))  # (B, L, D) at this step's position
-        if scores:
-            logp_t.append(logits.log_softmax(-1).cpu())
-        nxt = logits.argmax(-1)
-        for i, y in enumerate(nxt.tolist()):
-            if not done[i]:
-                tokens[i].append(y)
-                done[i] = y in eos or (stop is not None and stop(tokens[i]))
-        if all(done):
-            break
-        ids, pos, mask = nxt[:, None], pos[:, -1:] + 1, torch.cat([mask, mask.new_ones(B, 1)], 1)
-    return [dict(tokens=tk, acts=torch.stack([a[i] for a in acts_t[:len(tk)]], 1) if capture else None,
-                 logp=torch.stack([p[i] for p in logp_t[:len(tk)]]) if scores else None) for i, tk in enumerate(tokens)]
+    (§5). Left padding puts every prompt's last token in the last column; position_ids = cumsum(mask)-1 give each
+    row the positions it has alone (tested). A row ends after an id in `eos` (kept, with its activations, as in the
+    official rollout) or once stop(previous token or None, token) is true (tensors (B,): no host sync). Per row:
+    tokens (T',), acts (L, T', D) in the base dtype and logp (T', V) fp32, on the device. A test checks them
+    against the official re-forward of the whole sequence."""
+    B, R, dev = len(prompts), max(map(len, prompts)), model.device
+    ids = torch.tensor([[model.config.pad_token_id or 0] * (R - len(p)) + p for p in prompts], device=dev)
+    mask = torch.tensor([[0] * (R - len(p)) + [1] * (len(p) + max_new) for p in prompts], device=dev)  # ahead
+    pos, cache, eos = (mask[:, :R].cumsum(1) - 1).clamp(min=0), kv_cache(model), torch.tensor(sorted(eos), device=dev)
+    tokens, acts_t, logp_t, finite = [], [], [], torch.ones((), dtype=torch.bool, device=dev)
+    done, length = torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), max_new, device=dev)
+    with adapters(model, slots), capture_activations(model) if capture else contextlib.nullcontext() as acts:
+        with pads_zeroed(model, mask[:, :R] == 0):  # the prompts, at once; then one token per step
+            h = model.model(input_ids=ids, attention_mask=mask[:, :R], position_ids=pos, use_cache=True, **cache)
+        for t in range(max_new):
+            logits = lm_logits(model, h.last_hidden_state[:, -1])  # (B, V); the cache grew in place
+            finite &= torch.isfinite(logits).all()
+            tokens.append(logits.argmax(-1))
+            if capture:
+                acts_t.append(torch.stack([a[:, -1] for a in acts], 1))  # (B, L, D) at this step's position
+                acts.clear()
+            if scores:
+                logp_t.append(logits.log_softmax(-1))
+            ends = torch.isin(tokens[-1], eos) | (stop(tokens[-2] if t else None, tokens[-1]) if stop else False)
+            length = torch.where(ends & ~done, t + 1, length)
+            done |= ends
+            if t == max_new - 1 or t % 8 == 7 and bool(done.all()):  # a host sync every 8 steps, not every step
+                break
+            pos = pos[:, -1:] + 1
+            h = model.model(input_ids=tokens[-1][:, None], attention_mask=mask[:, :R + t + 1], position_ids=pos,
+                            use_cache=True, **cache)
+    if not finite:
+        raise IA2Error(f"the model's logits became nan or inf while generating, in {model.dtype} on {dev.type} "
+                       "(an attention kernel or a dtype's range): try --dtype float32")
+    tokens, n = torch.stack(tokens, 1).tolist(), length.tolist()
+    acts_t = torch.stack(acts_t, 2) if capture else None  # (B, L, T, D)
+    logp_t = torch.stack(logp_t, 1) if scores else None  # (B, T, V)
+    return [dict(tokens=tokens[i][:n[i]], acts=acts_t[i, :, :n[i]] if capture else None,
+                 logp=logp_t[i, :n[i]] if scores else None) for i in range(B)]
 
 
 def kv_cache(model) -> dict:
@@ -602,16 +664,21 @@ def teacher(model, items: list, T: int, eos_id: int, scores=False):
     stopped only at the tokenizer's EOS, with no "\\n\\n" stop (official get_activations; T=1 for single-token
     tasks). Where the official code calls generate() instead, which stops at every EOS of the generation_config,
     the rollout is cut there: y_out, the "ICL outputs" (targets of sft_icl, ia2_then_sft_icl; icl_output), and,
-    for kd, y_kd with its log-probabilities (T', V) (collect_icl_distributions: no EOS appended)."""
-    eos = eos_ids(model, eos_id)
+    for kd, y_kd with its log-probabilities (T', V) (collect_icl_distributions: no EOS appended). These stay on
+    the device, unless on a GPU they would take more than a quarter of its free memory: then in pinned host memory."""
+    eos, read = eos_ids(model, eos_id), read_tokens(model, False, 8)
+    host = scores and model.device.type == "cuda" and (
+        4 * len(items) * T * model.config.vocab_size > torch.cuda.mem_get_info(model.device)[0] / 4)
     with lora_disabled(model):
-        for part in spans([len(it["icl"]) + T for it in items], token_budget(model, grad=False)):
-            for it, o in zip(items[part], generate(model, [it["icl"] for it in items[part]], T, {eos_id},
-                                                   capture=True, scores=scores)):
+        for part in spans([len(it["icl"]) + T + read for it in items], token_budget(model, grad=False)):
+            outs = generate(model, [it["icl"] for it in items[part]], T, {eos_id}, capture=True, scores=scores)
+            if not all(torch.isfinite(o["acts"]).all() for o in outs):
+                raise IA2Error(f"the teacher's activations (A_ICL) are nan or inf, in {model.dtype}: try --dtype float32")
+            for it, o in zip(items[part], outs):
                 it.update(y_icl=o["tokens"], A_icl=o["acts"], y_out=icl_output(o["tokens"], T, eos, eos_id))
                 if scores:
                     n = generate_length(o["tokens"], eos)
-                    it.update(y_kd=o["tokens"][:n], logp_icl=o["logp"][:n])
+                    it.update(y_kd=o["tokens"][:n], logp_icl=o["logp"][:n].cpu().pin_memory() if host else o["logp"][:n])
     return items
 
 
@@ -717,27 +784,37 @@ class Job:
 
 class Adam:
     """torch.optim.Adam (no weight decay) for K adapters stacked along dim 0 of each parameter: slot k has its
-    own lr and step count, and only the slots in `live` move (tested against torch.optim.Adam)."""
+    own lr and step count, and only the slots in `live` move (tested against torch.optim.Adam). Each line is one
+    foreach op over every parameter tensor; the bias corrections are float64 on the host (MPS has no float64)."""
 
     def __init__(self, params: list, lrs: list, betas=(0.9, 0.999), eps=1e-8):
         self.params, self.betas, self.eps = params, betas, eps
-        self.lr = torch.tensor(lrs, dtype=torch.float64, device=params[0].device)  # float64: 1 - 0.999^t cancels
-        self.t = torch.zeros(len(lrs), dtype=torch.float64, device=params[0].device)
+        self.lr, self.t = np.array(lrs, dtype=np.float64), np.zeros(len(lrs))  # float64: 1 - 0.999^t cancels
         self.m, self.v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
 
     @torch.no_grad()
     def step(self, live: list):
-        (b1, b2), on = self.betas, torch.zeros_like(self.t)
-        on[live] = 1
+        (b1, b2), on = self.betas, np.isin(np.arange(len(self.t)), live)
         self.t += on
-        t = self.t.clamp(min=1)
-        step_size, bc2_sqrt = (on * self.lr / (1 - b1 ** t)).float(), (1 - b2 ** t).sqrt().float()  # 0: stays
-        for p, m, v in zip(self.params, self.m, self.v):
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            m.lerp_(p.grad, 1 - b1)  # m = β1·m + (1-β1)·g
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)  # v = β2·v + (1-β2)·g²
-            p -= step_size.view(shape) * (m / (v.sqrt() / bc2_sqrt.view(shape) + self.eps))
+        t = np.maximum(self.t, 1)
+        step_size, bc2_sqrt = self.per_slot(on * self.lr / (1 - b1 ** t)), self.per_slot(np.sqrt(1 - b2 ** t))
+        grads = [p.grad for p in self.params]
+        torch._foreach_lerp_(self.m, grads, 1 - b1)  # m = β1·m + (1-β1)·g
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)  # v = β2·v + (1-β2)·g²
+        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, self.eps)  # sqrt(v / (1-β2^t)) + ε
+        update = torch._foreach_div(self.m, denom)
+        torch._foreach_mul_(update, step_size)  # lr / (1-β1^t) · m / (...); 0 for the slots not live
+        torch._foreach_sub_(self.params, update)
+        for p in self.params:
             p.grad = None
+
+    def per_slot(self, x: np.ndarray) -> list:
+        """One fp32 value per slot, shaped to scale each parameter's slots: (K, 1, ...)."""
+        x = torch.tensor(x, dtype=torch.float32).to(self.params[0].device)
+        return [x.view(-1, *[1] * (p.dim() - 1)) for p in self.params]
 
 
 def train(model, objective: str, jobs: list, cfg: Config, tag) -> list:
@@ -762,19 +839,32 @@ def train(model, objective: str, jobs: list, cfg: Config, tag) -> list:
         losses = backward(model, objective, [(k, jobs[k], next_batch(jobs[k], min(cfg.batch_size, cfg.n_train)))
                                              for k in live])
         for k, loss in zip(live, losses):
-            if not math.isfinite(loss):
-                raise IA2Error(f"{tag(jobs[k])}: the training loss became {loss} at step {jobs[k].steps}; try a lower --lr")
+            finite_or_stop(loss, "training", jobs[k], model, tag)
         opt.step(live)
-        check = [k for k in live if jobs[k].steps % 2 == 0 or not jobs[k].order]  # every 2 steps, epoch ends
-        for k, dev in zip(check, dev_losses(model, objective, [(k, jobs[k]) for k in check])):
-            if update(jobs[k], dev, losses[live.index(k)], cfg, tag):  # a new best: keep this adapter
-                with torch.no_grad():
-                    for b, p in zip(best, params):
-                        b[k] = p[k]
-    with torch.no_grad():
-        for p, b in zip(params, best if cfg.restore == "best" else params):
-            p.copy_(b)
+        check, new_best = [k for k in live if jobs[k].steps % 2 == 0 or not jobs[k].order], np.zeros(len(jobs), bool)
+        for k, dev in zip(check, dev_losses(model, objective, [(k, jobs[k]) for k in check])):  # every 2 steps,
+            finite_or_stop(dev, "dev", jobs[k], model, tag)  # and at each epoch's end
+            new_best[k] = update(jobs[k], dev, losses[live.index(k)], cfg, tag)
+        if new_best.any():
+            copy_slots(best, params, new_best)  # keep the adapters at their new best
+    if cfg.restore == "best":
+        copy_slots(params, best, np.ones(len(jobs), bool))
     return jobs
+
+
+def copy_slots(to: list, source: list, slots: np.ndarray):
+    """to[k] = source[k] for each parameter tensor and every slot k marked: one op per tensor."""
+    mark = torch.tensor(slots, device=to[0].device)
+    with torch.no_grad():
+        for a, b in zip(to, source):
+            torch.where(mark.view(-1, *[1] * (a.dim() - 1)), b, a, out=a)
+
+
+def finite_or_stop(loss: float, what: str, job: Job, model, tag):
+    if not math.isfinite(loss):
+        raise IA2Error(f"{tag(job)}: the {what} loss is {loss} at step {job.steps}" + (
+            f", before any update: the model's forward pass is not finite in {model.dtype}; try --dtype float32"
+            if job.steps == 1 else " (it was finite before): the adapter diverged; try a lower --lr"))
 
 
 def next_batch(job: Job, bs: int) -> list:
@@ -812,7 +902,8 @@ def dev_losses(model, objective: str, jobs: list) -> list:
 def pieces(model, objective: str, rows: list, grad: bool):
     """(slot, β, example) rows sorted by length, so that little padding is computed, in pieces within the
     device's token budget; yields (slots, βs, examples) per piece."""
-    length = lambda it: len(it["x"]) + len(target_of(objective, it))
+    read = read_tokens(model, grad, {"ia2": 0, "kd": 24}.get(objective, 12 if grad else 8))
+    length = lambda it: len(it["x"]) + len(target_of(objective, it)) * (1 + read)  # tokens + logit positions
     rows = sorted(rows, key=lambda row: length(row[2]))
     for part in spans([length(it) for *_, it in rows], token_budget(model, grad)):
         yield tuple(zip(*rows[part]))
@@ -842,7 +933,8 @@ def predict(model, seqs: list, label_ids: list, slots=None):
     token's probability. Sorted by length, so that batches carry little padding; a batch is as many prompts as
     fit the device's token budget, and moves to the host once."""
     order, parts = sorted(range(len(seqs)), key=lambda i: len(seqs[i])), []
-    for part in tqdm(spans([len(seqs[i]) for i in order], token_budget(model, grad=False)), desc="eval",
+    read = read_tokens(model, False, 8)
+    for part in tqdm(spans([len(seqs[i]) + read for i in order], token_budget(model, grad=False)), desc="eval",
                      leave=False, disable=None):  # a progress bar on a terminal only
         idx = order[part]
         probs = forward(model, [seqs[i] for i in idx], slots=slots and [slots[i] for i in idx])[0][:, 0].softmax(-1)
@@ -939,12 +1031,23 @@ def answer_of(tok, ids: list) -> str:
     return tok.decode(ids, skip_special_tokens=True).split("\n\n")[0]  # a generation's text, cut at "\n\n"
 
 
+@functools.lru_cache(maxsize=4)
+def newline_tokens(tok, V: int, device) -> tuple:
+    """Three (V,) masks of the token ids whose text holds "\\n\\n", ends with "\\n", starts with "\\n": the
+    evaluation's "\\n\\n" stop, one token or two, tested on the device without decoding each step."""
+    texts = tok.batch_decode([[i] for i in range(len(tok))]) + [""] * (V - len(tok))
+    return tuple(torch.tensor([f(x) for x in texts], device=device) for f in (
+        lambda x: "\n\n" in x, lambda x: x.endswith("\n"), lambda x: x.startswith("\n")))
+
+
 def generate_texts(model, tok, seqs: list, max_new: int, slots=None) -> list:
     """Greedy continuations (prompt i through adapter slots[i]), stopped as the official evaluation's generate()
     stops, at every EOS of the generation_config or at the first "\\n\\n", and cut there."""
-    stop = lambda ids: "\n\n" in tok.decode(ids[-2:])  # "\n\n" may be one token or two
+    nn, ends, starts = newline_tokens(tok, model.config.vocab_size, model.device)
+    stop = lambda prev, y: nn[y] if prev is None else nn[y] | ends[prev] & starts[y]  # "\n\n" in decode([prev, y])
     texts, order = [None] * len(seqs), sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for part in tqdm(spans([len(seqs[i]) + max_new for i in order], token_budget(model, grad=False)),
+    read = read_tokens(model, False, 8)
+    for part in tqdm(spans([len(seqs[i]) + max_new + read for i in order], token_budget(model, grad=False)),
                      desc="generate", leave=False, disable=None):
         idx = order[part]
         for i, o in zip(idx, generate(model, [seqs[i] for i in idx], max_new, eos_ids(model, tok.eos_token_id),
@@ -981,7 +1084,7 @@ def setup(cfg: Config) -> Setup:
     if len(data[cfg.task][0]) < 2 * cfg.n_train + min(48, cfg.n_train // 2) - 1:
         raise IA2Error(f"--n-train {cfg.n_train} needs {2 * cfg.n_train + min(48, cfg.n_train // 2) - 1} pool "
                        f"examples (N train, min(48, N//2) dev, N-1 demos), the data has {len(data[cfg.task][0])}")
-    device, dtype = pick_device(cfg.device)
+    device, dtype = pick_device(cfg.device, cfg.dtype)
     tok = load_tokenizer(cfg.model)
     label_ids = {n: label_tokens(tok, labels[n]) for n in tasks if labels[n]}
     if multi and tok.eos_token_id is None:

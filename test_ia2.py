@@ -376,7 +376,7 @@ def test_batched_generation_equals_batch_size_one(model):
         assert b["tokens"] == alone["tokens"]
         torch.testing.assert_close(b["acts"], alone["acts"], atol=1e-5, rtol=1e-4)
     stop_tok = batched[0]["tokens"][3]  # stop(tokens) ends a row right after the token that makes it true
-    stopped = ia2.generate(m, prompts, 10, set(), stop=lambda ids: ids[-1] == stop_tok)
+    stopped = ia2.generate(m, prompts, 10, set(), stop=lambda prev, y: y == stop_tok)
     for s, b in zip(stopped, batched):
         assert s["tokens"] == b["tokens"][:b["tokens"].index(stop_tok) + 1 if stop_tok in b["tokens"] else 10]
     texts = ia2.generate_texts(m, tok, prompts, 10)
