@@ -34,6 +34,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import glob
 import inspect
 import json
 import math
@@ -41,6 +42,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import string
 import sys
 import time
@@ -480,14 +482,19 @@ def save_adapter(model, folder: str, cfg: Config, k: int = 0):
                        init_lora_weights=True, inference_mode=True), f, indent=2)
 
 
-def load_adapter(model, folder: str, k: int = 0):
+def read_adapter(folder: str) -> dict:
+    """A saved adapter, as lora_state gives it: {module name: (A, B)}."""
     from safetensors.torch import load_file
     path = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise IA2Error(f"no adapter at {path}")
     t = load_file(path)
-    load_lora_state(model, {n: (t[f"base_model.model.{n}.lora_A.weight"], t[f"base_model.model.{n}.lora_B.weight"])
-                            for n in lora_modules(model)}, k)
+    names = [k[len("base_model.model."):-len(".lora_A.weight")] for k in t if k.endswith(".lora_A.weight")]
+    return {n: (t[f"base_model.model.{n}.lora_A.weight"], t[f"base_model.model.{n}.lora_B.weight"]) for n in names}
+
+
+def load_adapter(model, folder: str, k: int = 0):
+    load_lora_state(model, read_adapter(folder), k)
 
 
 def lora_targets(cfg: Config) -> tuple:
@@ -642,8 +649,8 @@ def generate(model, prompts: list, max_new: int, eos: set, stop=None, capture=Fa
             h = model.model(input_ids=tokens[-1][:, None], attention_mask=mask[:, :R + t + 1], position_ids=pos,
                             use_cache=True, **cache)
     if not finite:
-        raise IA2Error(f"the model's logits became nan or inf while generating, in {model.dtype} on {dev.type} "
-                       "(an attention kernel or a dtype's range): try --dtype float32")
+        raise IA2Error(f"the model's logits became nan or inf while generating ({model.dtype} on {dev.type})" +
+                       "; try --dtype float32" * (model.dtype != torch.float32))
     tokens, n = torch.stack(tokens, 1).tolist(), length.tolist()
     acts_t = torch.stack(acts_t, 2) if capture else None  # (B, L, T, D)
     logp_t = torch.stack(logp_t, 1) if scores else None  # (B, T, V)
@@ -673,7 +680,8 @@ def teacher(model, items: list, T: int, eos_id: int, scores=False):
         for part in spans([len(it["icl"]) + T + read for it in items], token_budget(model, grad=False)):
             outs = generate(model, [it["icl"] for it in items[part]], T, {eos_id}, capture=True, scores=scores)
             if not all(torch.isfinite(o["acts"]).all() for o in outs):
-                raise IA2Error(f"the teacher's activations (A_ICL) are nan or inf, in {model.dtype}: try --dtype float32")
+                raise IA2Error(f"the teacher's activations (A_ICL) are nan or inf ({model.dtype} on {model.device.type})"
+                               + "; try --dtype float32" * (model.dtype != torch.float32))
             for it, o in zip(items[part], outs):
                 it.update(y_icl=o["tokens"], A_icl=o["acts"], y_out=icl_output(o["tokens"], T, eos, eos_id))
                 if scores:
@@ -863,8 +871,9 @@ def copy_slots(to: list, source: list, slots: np.ndarray):
 def finite_or_stop(loss: float, what: str, job: Job, model, tag):
     if not math.isfinite(loss):
         raise IA2Error(f"{tag(job)}: the {what} loss is {loss} at step {job.steps}" + (
-            f", before any update: the model's forward pass is not finite in {model.dtype}; try --dtype float32"
-            if job.steps == 1 else " (it was finite before): the adapter diverged; try a lower --lr"))
+            f", before any update: the model's forward pass is not finite ({model.dtype})" +
+            "; try --dtype float32" * (model.dtype != torch.float32) if job.steps == 1 else
+            " (it was finite before): the adapter diverged; try a lower --lr"))
 
 
 def next_batch(job: Job, bs: int) -> list:
@@ -1297,14 +1306,24 @@ def table(results: dict, ev: Task) -> str:
         "the lowest mean dev loss. answers: how often the top-1 token is each label or another one.")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a cluster's scheduler sends it at a time limit or a preemption: handled as Ctrl-C."""
+
+
+def terminate(signum, frame):
+    raise Terminated()
+
+
 def run_experiment(cfg: Config) -> list:
-    """Every method x lr (x β) x run; writes <out>.partial, renamed to --out when done. Returns the rows."""
+    """Every method x lr (x β) x run; writes <out>.partial, renamed to --out when done. Interrupted (Ctrl-C,
+    SIGTERM), the .partial keeps what finished, and the same command resumes it. Returns the rows."""
     t0 = time.time()
-    out = cfg.out or os.path.join("runs", f"{cfg.task}-{os.path.basename(cfg.model.rstrip('/'))}-n{cfg.n_train}-"
-                                          f"{time.strftime('%Y%m%d-%H%M%S')}")
+    out = cfg.out or default_out(cfg)
     if os.path.exists(out):
         raise IA2Error(f"--out {out}: exists; choose another")
-    S, tmp, rows, timing = setup(cfg), out + ".partial", [], dict(load=time.time() - t0)
+    tmp = out + ".partial"
+    rows, finished = resumable(cfg, tmp)  # an interrupted run of this command: its rows and finished methods
+    S, timing = setup(cfg), dict(load=time.time() - t0)
     methods = [m for m in METHODS if m in cfg.methods]
     if "ia2" not in methods and {"ia2_then_sft", "ia2_then_sft_icl"} & set(methods):
         methods.insert(methods.index(next(m for m in methods if "then" in m)), "ia2")  # their first phase
@@ -1313,27 +1332,39 @@ def run_experiment(cfg: Config) -> list:
           + f", ia2_plus_sft x {len(cfg.beta)} β" * ("ia2_plus_sft" in methods) + f"; at most {cfg.epochs} epochs; a "
           f"method's adapters train together), evaluated on {', '.join(f'{len(ev.gold)} {ev.name}' for ev in S.evals)} "
           "examples, as are zero-shot and ICL")
-    shutil.rmtree(tmp, ignore_errors=True)
-    first = next((m for m in methods if m in TRAINED), None)
+    if finished:
+        print(f"resuming {tmp}/: {', '.join(finished)} finished there (their rows and adapters are kept, not redone)")
+    write_config(S, tmp)
+    first = next((m for m in methods if m in TRAINED and m not in finished), None)
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         tick, ia2_states = time.time(), {}
         runs = draw_runs(S)
         timing["teacher"] = time.time() - tick
         for m in methods:
             tick = time.time()
+            if m in finished:
+                if m == "ia2":  # the start of ia2_then_sft(_icl): the saved IA2 adapters
+                    ia2_states.update({(lr, r["r"]): read_adapter(adapter_dir(tmp, m, lr, None, r["r"]))
+                                       for lr in cfg.lr for r in runs})
+                continue
             run_method(S, m, runs, ia2_states, tmp, rows)
             timing[m] = time.time() - tick
-            left = timing[m] * sum(x in TRAINED for x in methods[methods.index(m) + 1:])
+            left = timing[m] * sum(x in TRAINED and x not in finished for x in methods[methods.index(m) + 1:])
             if m == first and left:  # after the first trained method: its time times the methods to come
                 print(f"estimate: {m} took {timing[m]:.0f} s; the other trained methods should take about "
                       f"{f'{left:.0f} s' if left < 120 else f'{left / 60:.0f} min'} more here (early stopping varies)")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         write_outputs(S, tmp, rows, dict(timing, total=time.time() - t0), interrupted=True)
-        print(f"ia2.py: interrupted; the adapters and results finished so far are in {tmp}/", file=sys.stderr)
-        sys.exit(130)
+        print(f"ia2.py: {'stopped by SIGTERM' if isinstance(e, Terminated) else 'interrupted'}; the adapters and "
+              f"results finished so far are in {tmp}/, and the same command resumes it", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # an error: no half-written output
+        if not finished:
+            shutil.rmtree(tmp, ignore_errors=True)  # an error: no half-written output (a resumed run keeps its own)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     report = write_outputs(S, tmp, rows, dict(timing, total=time.time() - t0))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     os.replace(tmp, out)
@@ -1341,25 +1372,70 @@ def run_experiment(cfg: Config) -> list:
     return rows
 
 
-def write_outputs(S: Setup, folder: str, rows: list, timing: dict, interrupted=False) -> str:
-    """config.json (every setting, the versions), results.json (the rows; per eval task each method's summary
-    and the majority-class rate), results.md (the tables, also returned)."""
+def default_out(cfg: Config) -> str:
+    """runs/<task>-<model>-n<N>-<time>, or the newest interrupted run of this same command, to resume it."""
+    name = f"{cfg.task}-{os.path.basename(cfg.model.rstrip('/'))}-n{cfg.n_train}-"
+    same = [f for f in sorted(glob.glob(os.path.join("runs", glob.escape(name) + "*.partial")))
+            if saved_config(f) == as_json(dataclasses.asdict(cfg))]
+    return same[-1][:-len(".partial")] if same else os.path.join("runs", name + time.strftime("%Y%m%d-%H%M%S"))
+
+
+def as_json(x):
+    return json.loads(json.dumps(x))  # tuples as lists, as config.json holds them
+
+
+def saved_config(folder: str):
+    path = os.path.join(folder, "config.json")
+    return json.load(open(path))["config"] if os.path.isfile(path) else None
+
+
+def resumable(cfg: Config, tmp: str) -> tuple:
+    """The rows of an interrupted run in tmp and the methods it finished (every row and every adapter there);
+    ([], []) if there is none. A .partial of another command is refused, and left as it is."""
+    if not os.path.exists(tmp):
+        return [], []
+    cfg_dict, saved = as_json(dataclasses.asdict(cfg)), saved_config(tmp)
+    if saved != cfg_dict:
+        differ = sorted(k for k in cfg_dict if saved is None or saved.get(k) != cfg_dict[k])
+        raise IA2Error(f"{tmp}/ holds an interrupted run of another command (it differs in "
+                       f"{', '.join('--' + k.replace('_', '-') for k in differ)}): run that command to resume it, "
+                       f"or move the folder away")
+    path = os.path.join(tmp, "results.json")
+    rows = json.load(open(path))["rows"] if os.path.isfile(path) else []
+    n_tasks, grid = len(dict.fromkeys(cfg.eval_tasks or [cfg.task])), len(cfg.lr) * cfg.runs
+    expected = dict(zero_shot=1, icl=cfg.runs, ia2_plus_sft=grid * len(cfg.beta))
+    finished = [m for m in METHODS if m in cfg.methods and
+                sum(x["method"] == m for x in rows) == n_tasks * expected.get(m, grid) and
+                all(os.path.isfile(os.path.join(adapter_dir(tmp, m, lr, b, r), "adapter_model.safetensors"))
+                    for lr in cfg.lr for b in (cfg.beta if m == "ia2_plus_sft" else [None]) for r in range(cfg.runs)
+                    if m in TRAINED)]
+    return [x for x in rows if x["method"] in finished], finished
+
+
+def write_config(S: Setup, folder: str):
+    """config.json: every setting (what a resumed run must match), the labels, template, device, dtype, versions."""
     import transformers
-    summary = {ev.name: summarize([x for x in rows if x["task"] == ev.name]) for ev in S.evals}
-    report = "".join(f"## {S.cfg.task} -> {ev.name}{'' if ev.name == S.cfg.task else ' (OOD, ICL demos from ' + S.cfg.task + ')'}"
-                     f"\n\n{table(summary[ev.name], ev)}\n\n" for ev in S.evals)
     meta = dict(config=dataclasses.asdict(S.cfg), labels=S.task.labels, label_token_ids=S.task.label_ids,
                 template=S.task.spec["template"], model_class=type(S.model).__name__, device=str(S.model.device),
                 dtype=str(S.model.dtype), pool_size=len(S.task.pool), eval_size={ev.name: len(ev.gold) for ev in S.evals},
                 versions=dict(torch=torch.__version__, transformers=transformers.__version__))
     os.makedirs(folder, exist_ok=True)
-    for name, content in (("config.json", meta), ("results.json", dict(
-            summary=summary, rows=rows, timing_s=timing, interrupted=interrupted,
-            majority={ev.name: majority(ev.labels, ev.gold) if ev.labels else None for ev in S.evals},
-            selection="each method's (lr, β) by its best mean accuracy on the eval set (the paper's); dev_selected: "
-                      "the lowest mean dev loss"))):
-        with open(os.path.join(folder, name), "w") as f:
-            json.dump(content, f, indent=1)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def write_outputs(S: Setup, folder: str, rows: list, timing: dict, interrupted=False) -> str:
+    """config.json, results.json (the rows; per eval task each method's summary and the majority-class rate),
+    results.md (the tables, also returned)."""
+    summary = {ev.name: summarize([x for x in rows if x["task"] == ev.name]) for ev in S.evals}
+    report = "".join(f"## {S.cfg.task} -> {ev.name}{'' if ev.name == S.cfg.task else ' (OOD, ICL demos from ' + S.cfg.task + ')'}"
+                     f"\n\n{table(summary[ev.name], ev)}\n\n" for ev in S.evals)
+    write_config(S, folder)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(dict(summary=summary, rows=rows, timing_s=timing, interrupted=interrupted,
+                       majority={ev.name: majority(ev.labels, ev.gold) if ev.labels else None for ev in S.evals},
+                       selection="each method's (lr, β) by its best mean accuracy on the eval set (the paper's); "
+                                 "dev_selected: the lowest mean dev loss"), f, indent=1)
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(f"# {S.cfg.task}, {S.cfg.model}, N={S.cfg.n_train}, {S.cfg.runs} run{'s' * (S.cfg.runs > 1)}"
                 f"{' (interrupted: the methods finished so far)' * interrupted}\n\n{report}")

@@ -156,6 +156,83 @@ def test_adam_per_slot_equals_torch_adam():
         torch.testing.assert_close(p[k].detach(), refs[k].detach(), atol=1e-7, rtol=1e-6)
 
 
+def test_adam_and_the_best_copy_put_no_float64_on_the_device():
+    """MPS has no float64: every tensor Adam and the best-adapter copy make on the parameters' device is float32
+    (or bool). Checked on the meta device, where each op's outputs are recorded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen.update(x.dtype for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor) and x.is_meta)
+            return out
+    params = [torch.nn.Parameter(torch.empty(3, 4, 5, device="meta")), torch.nn.Parameter(torch.empty(3, 6, device="meta"))]
+    opt, best = ia2.Adam(params, [1e-3, 1e-2, 1e-1]), [p.detach().clone() for p in params]
+    with Record():
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step([0, 2])
+        ia2.copy_slots(best, params, np.array([True, False, True]))
+    assert seen and seen <= {torch.float32, torch.bool}, seen
+
+
+def saved_bytes(m, items, objective) -> int:
+    """What autograd keeps for the backward of one forward (parameters excluded: they are in memory anyway)."""
+    params, seen = {p.untyped_storage().data_ptr() for p in m.parameters()}, {}
+
+    def pack(x):
+        if x.untyped_storage().data_ptr() not in params:
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        ia2.objective_loss(m, objective, items, 0.5, list(range(len(items))))
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("arch, dtype", [("qwen3-0.6b", torch.bfloat16), ("qwen3-0.6b", torch.float32),
+                                         ("llama", torch.bfloat16), ("qwen2", torch.bfloat16), ("gemma3", torch.bfloat16)])
+def test_the_token_budget_costs_what_autograd_keeps(arch, dtype):
+    """bytes_per_token(grad=True) against the saved-tensor bytes of a forward with 3 LoRA adapters, 3 rows of 64
+    tokens: within ±30 % (Qwen3-0.6B's widths, one layer; the other families at small widths, two layers)."""
+    import transformers
+    if arch == "qwen3-0.6b":
+        conf = transformers.Qwen3Config(vocab_size=256, hidden_size=1024, intermediate_size=3072, num_hidden_layers=1,
+                                        num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+        m = transformers.Qwen3ForCausalLM(conf)
+    else:
+        conf_cls, model_cls, extra = ARCHS[arch]
+        conf = getattr(transformers, conf_cls)(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=64, **extra)
+        m = getattr(transformers, model_cls)(conf)
+    m = m.to(dtype)
+    m.config.pad_token_id = 0
+    ia2.add_lora(m, K=3)
+    torch.manual_seed(0)
+    items = [dict(x=torch.randint(3, 256, (64,)).tolist(), y_icl=[5], A_icl=torch.randn(conf.num_hidden_layers, 1,
+                                                                                      conf.hidden_size).to(dtype))
+             for _ in range(3)]
+    ratio = saved_bytes(m, items, "ia2") / (3 * 64 * ia2.bytes_per_token(m, grad=True))
+    assert 0.7 < ratio < 1.3, ratio
+
+
+def test_the_gpu_budget_counts_cached_memory_as_free(monkeypatch):
+    """Half of free + reserved-but-unallocated memory, less the LM head's fp32 copy, at bytes_per_token: the same
+    budget before and after the allocator caches 6 GB (mem_get_info alone would fall by 6 GB)."""
+    import types
+    head = torch.nn.Linear(8, 1000, bias=False)
+    m = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, lm_head=head, config=types.SimpleNamespace(
+        num_hidden_layers=2, hidden_size=8, num_attention_heads=2, head_dim=4, num_key_value_heads=1,
+        intermediate_size=16, vocab_size=1000))
+    per_token = 2 * (16.3 * 8 + 12.6 * 8 + 8.3 * 4 + 6.0 * 16)  # SAVED[2] times the widths, 2 layers
+    for free, reserved, allocated in ((20e9, 1e9, 1e9), (14e9, 7e9, 1e9)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 24e9))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: allocated)
+        assert ia2.token_budget(m, grad=True) == int((20e9 - 4 * 8000) / 2 / per_token)
+
+
 # -----------------------------------------------------------------------------
 # activation capture and the batched forward
 
@@ -355,6 +432,41 @@ def test_kd_targets_stop_where_the_official_generate_stops(model):
         torch.testing.assert_close(it["logp_icl"], logp[:n], atol=1e-5, rtol=1e-4)
         assert ia2.target_of("kd", it) == toks[:n] and ia2.target_of("ia2", it) == toks
     assert len(its[0]["y_kd"]) < len(its[0]["y_icl"])  # the second EOS cut the first rollout short
+
+
+def test_generation_is_unchanged_when_attention_gives_nan_to_rows_with_no_key(model, monkeypatch):
+    """A left pad's query attends to no key: some GPU kernels return NaN there (README), which 0·NaN would carry
+    into the real rows. Here attention is wrapped to do that; tokens, activations and log-probs stay as they were."""
+    tok, m = model
+    prompts = [ia2.encode(tok, f"Text:{'very ' * k}good film\nLabel:") for k in (0, 2, 5)]  # left-padded
+    ref = ia2.generate(m, prompts, 6, set(), capture=True, scores=True)
+    sdpa, nan_rows = torch.nn.functional.scaled_dot_product_attention, []
+
+    def nan_where_no_key(q, k, v, attn_mask=None, **kwargs):
+        out = sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+        if attn_mask is None:
+            return out
+        allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min / 2
+        empty = ~allowed.any(-1)  # (B, 1, Q): query rows with no key
+        nan_rows.append(int(empty.sum()))
+        return out.masked_fill(empty[..., None], float("nan"))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", nan_where_no_key)
+    got = ia2.generate(m, prompts, 6, set(), capture=True, scores=True)
+    R = max(map(len, prompts))
+    assert sum(nan_rows) == 2 * sum(R - len(p) for p in prompts) > 0  # every pad of the prefill, in both layers
+    for a, b in zip(ref, got):
+        assert a["tokens"] == b["tokens"]
+        torch.testing.assert_close(a["acts"], b["acts"])
+        torch.testing.assert_close(a["logp"], b["logp"])
+
+
+def test_the_lm_head_runs_in_fp32_on_a_bf16_model(tiny):
+    tok = ia2.load_tokenizer(tiny["model"])
+    m = ia2.load_model(tiny["model"], tok, torch.device("cpu"), torch.bfloat16)
+    h = (100 * torch.randn(3, 32)).to(torch.bfloat16)  # logits of about 10, as a real model's
+    exact = h.double() @ m.lm_head.weight.double().T
+    torch.testing.assert_close(ia2.lm_logits(m, h).double(), exact, atol=1e-4, rtol=1e-6)  # the fp32 product
+    assert (m.lm_head(h).double() - exact).abs().max() > 1e-2  # what a bf16 head gives
 
 
 def test_batched_generation_equals_batch_size_one(model):
@@ -937,6 +1049,26 @@ def test_labels_with_a_leading_space_run_end_to_end(tiny, capsys):
     assert [x["accuracy"] for x in rows] == [pytest.approx(expected)] and expected > 0
 
 
+@pytest.mark.parametrize("task", ["sst2", "gsm8k"])
+def test_cli_every_method_on_a_bf16_base_model(tiny, task):
+    """--dtype bfloat16 on the CPU takes the paths a GPU takes: a bf16 base model under fp32 adapters, logits and
+    losses, for every method, single- and multi-token."""
+    data = ["--data", tiny["data"]]
+    if task == "gsm8k":
+        rng = np.random.RandomState(1)
+        qa = lambda a, b: dict(question=f"the film {a} plus {b}?", answer=f"{a}+{b}={a + b}\n#### {a + b}")
+        data = ["--task", "gsm8k", "--max-new-tokens", "5",
+                "--data", write_jsonl(tiny["root"] / "bf16.jsonl", [qa(*rng.randint(1, 9, 2)) for _ in range(16)])]
+    p = cli(tiny, *data, "--dtype", "bfloat16", "--device", "cpu", "--n-train", "2", "--runs", "1", "--eval-size", "4",
+            "--epochs", "1", "--lr", "1e-3", "--beta", "0.5", "--methods", *ia2.METHODS, out=f"bf16-{task}")
+    assert p.returncode == 0 and library_lines(p.stderr) == [], p.stderr
+    folder = tiny["root"] / f"bf16-{task}"
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "torch.bfloat16"
+    rows = json.loads((folder / "results.json").read_text())["rows"]
+    assert {x["method"] for x in rows} == set(ia2.METHODS)
+    assert all(math.isfinite(v) for x in rows for k, v in x.items() if k in ia2.METRICS + ("dev_loss",))
+
+
 def test_list_tasks():
     p = subprocess.run([sys.executable, os.path.join(HERE, "ia2.py"), "--list-tasks"], capture_output=True, text=True)
     assert p.returncode == 0 and all(f"| {t} |" in p.stdout for t in ia2.TASKS) and len(ia2.TASKS) == 12
@@ -1189,35 +1321,76 @@ def test_the_hub_probe_waits_3_seconds_and_nothing_else_runs(tiny, monkeypatch):
     assert asked == [3]
 
 
-# ia2.main in a subprocess whose first saved adapter sends the process a real signal: the event, not a clock,
-# decides where the signal lands
-SIGNAL_AFTER_FIRST_SAVE = """
+# ia2.main in a subprocess whose k-th saved adapter sends the process a real signal: an event, not a clock, decides
+# where the signal lands
+SIGNAL_AFTER_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {here!r})
 import ia2
-save = ia2.save_adapter
+save, saved = ia2.save_adapter, []
 def save_then_signal(*args, **kwargs):
     save(*args, **kwargs)
-    ia2.save_adapter = save
-    os.kill(os.getpid(), signal.{name})
+    saved.append(1)
+    if len(saved) == {k}:
+        os.kill(os.getpid(), signal.{name})
 ia2.save_adapter = save_then_signal
 ia2.main(sys.argv[1:])
 """
 
 
-def test_ctrl_c_keeps_finished_adapters_and_results_in_partial(tiny):
-    out = tiny["root"] / "sigint"
-    code = SIGNAL_AFTER_FIRST_SAVE.format(here=HERE, name="SIGINT")
-    p = subprocess.run([sys.executable, "-c", code, "--model", tiny["model"], "--data", tiny["data"], "--out", str(out),
-                        "--n-train", "4", "--runs", "3", "--eval-size", "10", "--lr", "1e-3", "--methods", "sft", "ia2"],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 130, p.stderr
-    assert our_line(p.stderr) == f"ia2.py: interrupted; the adapters and results finished so far are in {out}.partial/"
-    partial = out.parent / "sigint.partial"
+def signalled_run(tiny, out, name, k, *args):
+    code = SIGNAL_AFTER_SAVE.format(here=HERE, name=name, k=k)
+    return subprocess.run([sys.executable, "-c", code, "--model", tiny["model"], "--data", tiny["data"], "--out",
+                           str(out), "--n-train", "4", "--runs", "2", "--eval-size", "10", "--lr", "1e-3", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("name, code, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "stopped by SIGTERM")])
+def test_ctrl_c_and_sigterm_keep_finished_adapters_and_results_in_partial(tiny, name, code, said):
+    out = tiny["root"] / f"signal-{name}"
+    p = signalled_run(tiny, out, name, 1, "--methods", "sft", "ia2")
+    assert p.returncode == code, p.stderr
+    assert our_line(p.stderr) == (f"ia2.py: {said}; the adapters and results finished so far are in {out}.partial/, "
+                                  "and the same command resumes it")
+    partial = tiny["root"] / f"signal-{name}.partial"
     assert not out.exists() and os.listdir(partial / "adapters" / "sft" / "lr0.001") == ["run0"]
     res = json.loads((partial / "results.json").read_text())
-    assert res["interrupted"] and [x["run"] for x in res["rows"]] == [0, 1, 2]  # sft's rows, ia2 never began
+    assert res["interrupted"] and [x["run"] for x in res["rows"]] == [0, 1]  # sft's rows, ia2 never began
     assert "(interrupted" in (partial / "results.md").read_text()
+
+
+def test_the_same_command_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(tiny):
+    """Stopped after the 4th saved adapter (sft's 2 and ia2's 2: both finished), the same command trains only
+    ia2_then_sft, from the saved IA2 adapters, and its results equal those of a run never interrupted."""
+    args = ("--methods", "sft", "ia2", "ia2_then_sft", "--epochs", "3")
+    whole = cli(tiny, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--lr", "1e-3", *args, out="whole")
+    assert whole.returncode == 0, whole.stderr
+    out = tiny["root"] / "resumed"
+    assert signalled_run(tiny, out, "SIGTERM", 4, *args).returncode == 143
+    other = cli(tiny, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--lr", "1e-2", *args, out="resumed")
+    assert other.returncode == 2 and our_line(other.stderr) == (
+        f"ia2.py: error: {out}.partial/ holds an interrupted run of another command (it differs in --lr): run that "
+        "command to resume it, or move the folder away")
+    assert (tiny["root"] / "resumed.partial" / "results.json").exists()  # refused, not deleted
+    p = cli(tiny, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--lr", "1e-3", *args, out="resumed")
+    assert p.returncode == 0, p.stderr
+    assert f"resuming {out}.partial/: sft, ia2 finished there" in p.stdout
+    assert "[sft lr=" not in p.stdout and "[ia2 lr=" not in p.stdout and "[ia2_then_sft lr=0.001 run 1]" in p.stdout
+    rows = lambda folder: sorted((x["method"], x["run"], x["accuracy"], x["ece"], x["dev_loss"], x["steps"])
+                                 for x in json.loads((tiny["root"] / folder / "results.json").read_text())["rows"])
+    assert rows("resumed") == rows("whole") and len(rows("whole")) == 6
+
+
+def test_without_out_a_run_resumes_the_interrupted_run_of_the_same_command(tiny, monkeypatch):
+    monkeypatch.chdir(tiny["root"])
+    cfg = ia2.parse_args(["--model", tiny["model"], "--data", tiny["data"], "--runs", "2"])
+    name = "runs/sst2-model-n4-20260101-000000"
+    os.makedirs(name + ".partial")
+    with open(name + ".partial/config.json", "w") as f:
+        json.dump(dict(config=ia2.as_json(ia2.dataclasses.asdict(cfg))), f)
+    assert ia2.default_out(cfg) == name
+    other = ia2.parse_args(["--model", tiny["model"], "--data", tiny["data"], "--runs", "3"])
+    assert ia2.default_out(other).startswith("runs/sst2-model-n4-") and ia2.default_out(other) != name
 
 
 def test_ctrl_c_while_adapters_are_saved_keeps_the_method_s_results(tiny, monkeypatch):
