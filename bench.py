@@ -1,5 +1,9 @@
 """Timings for the README, on a CPU or a GPU (clocks are read after torch.cuda.synchronize()).
 
+    python bench.py --make-proxy FOLDER                  # the speed proxy below: FOLDER/deep, FOLDER/proxy_words.csv
+    python bench.py --make-qwen3-shape TOKENIZER FOLDER  # Qwen3-0.6B's shape, random weights, bf16
+    python bench.py --check --model FOLDER --data FILE   # a GPU session's first command: see check()
+
     python bench.py --model <folder> --data rotten_tomatoes.csv [--device cuda] [--jobs 15] [--repeats 5]
     python bench.py --model <folder> --data rotten_tomatoes.csv --rollout [--demos 3] [--prompts 2]
 
@@ -152,15 +156,72 @@ def make_proxy(folder: str, n_rows: int = 3000):
     print(f"{model_dir}: Qwen3, 28 layers x 64 wide, vocab {len(tok)}; {folder}/proxy_words.csv: {n_rows} rows")
 
 
+def make_qwen3_shape(tokenizer: str, folder: str):
+    """A random-weight model with Qwen/Qwen3-0.6B's configuration (28 layers, hidden 1024, 16/8 heads of 128, MLP
+    3072, a tied 151,936-row embedding), bf16: its step times, rollouts and memory are the real model's. Any local
+    tokenizer will do (e.g. SmolLM2's from offline-assets.sh): its ids fall inside the embedding."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                         rope_theta=1000000, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    print(f"{folder}: Qwen3-0.6B's shape, random weights, bf16")
+
+
+def check(a):
+    """The default sst2 protocol (or --runs, --eval-size, --epochs) end to end with ia2.run_experiment, then: the
+    wall time of each phase, the peak memory against the token budget's plan, and that every number is finite."""
+    import json
+    import math
+    import tempfile
+    cfg = ia2.Config(model=a.model, data=(a.data,), device=a.device, runs=a.runs, eval_size=a.eval_size,
+                     epochs=a.epochs, out=os.path.join(tempfile.mkdtemp(), "check"))
+    S = ia2.setup(cfg)
+    dev, gb = S.model.device, lambda b: f"{b / 2 ** 30:.1f} GB"
+    head = f"{S.model.dtype}, " + (torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, "
+                                   f"{torch.get_num_threads()} threads")
+    plan = {grad: ia2.token_budget(S.model, grad) for grad in (True, False)}
+    planned = {grad: plan[grad] * ia2.bytes_per_token(S.model, grad) for grad in (True, False)}
+    del S
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    t = time.perf_counter()
+    ia2.run_experiment(cfg)
+    sync(dev)
+    wall = time.perf_counter() - t
+    res = json.load(open(os.path.join(cfg.out, "results.json")))
+    finite = all(math.isfinite(v) for x in res["rows"] for k, v in x.items() if k in ia2.METRICS + ("dev_loss",))
+    print(f"\n== check: {a.model}, {head}; {cfg.runs} run{'s' * (cfg.runs > 1)}, {len(res['rows'])} result rows, "
+          f"{wall:.0f} s in all")
+    print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res["timing_s"].items()))
+    print(f"token budget per forward: {plan[True]} tokens with gradients ({gb(planned[True])} planned), {plan[False]} "
+          f"without ({gb(planned[False])})")
+    if dev.type == "cuda":
+        print(f"peak memory allocated: {gb(torch.cuda.max_memory_allocated(dev))} of "
+              f"{gb(torch.cuda.get_device_properties(dev).total_memory)}")
+    print(f"every metric and dev loss finite: {finite}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model")
     p.add_argument("--data")
     p.add_argument("--make-proxy", metavar="FOLDER", help="write the speed proxy: FOLDER/deep and FOLDER/proxy_words.csv")
+    p.add_argument("--make-qwen3-shape", nargs=2, metavar=("TOKENIZER", "FOLDER"), help="write Qwen3-0.6B's shape")
+    p.add_argument("--check", action="store_true", help="the default sst2 protocol end to end: time, memory, finite")
+    p.add_argument("--runs", type=int, default=5, help="--check: runs (default: the protocol's 5)")
+    p.add_argument("--epochs", type=int, default=50, help="--check: maximum epochs (default: the protocol's 50)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--n-train", type=int, default=4)
     p.add_argument("--jobs", type=int, default=15, help="adapters trained together (3 lrs x 5 runs by default)")
     p.add_argument("--queries", type=int, default=200, help="eval queries per adapter")
+    p.add_argument("--eval-size", type=int, default=500, help="--check: eval examples (default: the protocol's 500)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rollout", action="store_true", help="time the teacher rollout instead")
     p.add_argument("--demos", type=int, default=3, help="--rollout: demos per ICL prompt (N-1; paper N=4)")
@@ -168,6 +229,10 @@ def main():
     a = p.parse_args()
     if a.make_proxy:
         return make_proxy(a.make_proxy)
+    if a.make_qwen3_shape:
+        return make_qwen3_shape(*a.make_qwen3_shape)
+    if a.check:
+        return check(a)
     cfg = ia2.Config(model=a.model, data=(a.data,), n_train=a.n_train, runs=5, eval_size=a.queries, device=a.device)
     S = ia2.setup(cfg)
     if a.rollout:

@@ -1069,6 +1069,16 @@ def test_cli_every_method_on_a_bf16_base_model(tiny, task):
     assert all(math.isfinite(v) for x in rows for k, v in x.items() if k in ia2.METRICS + ("dev_loss",))
 
 
+def test_bench_check_runs_the_protocol_and_reports_it(tiny):
+    """The GPU session's first command (bench.py --check), here on the tiny model and a small protocol."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--check", "--model", tiny["model"], "--data",
+                        tiny["data"], "--runs", "1", "--eval-size", "6", "--epochs", "1"], capture_output=True, text=True,
+                       cwd=tiny["root"], timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "1 run, 29 result rows" in p.stdout and "phases (s): load " in p.stdout and "token budget per forward: 2048" in p.stdout
+    assert "every metric and dev loss finite: True" in p.stdout
+
+
 def test_list_tasks():
     p = subprocess.run([sys.executable, os.path.join(HERE, "ia2.py"), "--list-tasks"], capture_output=True, text=True)
     assert p.returncode == 0 and all(f"| {t} |" in p.stdout for t in ia2.TASKS) and len(ia2.TASKS) == 12
@@ -1571,6 +1581,21 @@ def check_analysis_independently(tiny, folder):
 
 # -----------------------------------------------------------------------------
 # tutorial.ipynb runs top to bottom on the tiny model
+
+
+def test_tutorial_setup_cell_fetches_ia2_where_it_is_missing(tmp_path):
+    """On a notebook server without the repository (Colab's T4), the first code cell clones IA2_REPO (here this
+    repository, by path), installs requirements.txt (satisfied here: nothing to download) and makes ia2 importable."""
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(os.path.join(HERE, "tutorial.ipynb"), as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code")
+    p = subprocess.run([sys.executable, "-c", cell + "\nimport ia2\nprint(ia2.__file__)"], capture_output=True,
+                       text=True, cwd=tmp_path, env=dict(os.environ, IA2_REPO=HERE, PYTHONPATH=""), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(tmp_path / "ia2-repo" / "ia2.py")
+    p = subprocess.run([sys.executable, "-c", cell], capture_output=True, text=True, cwd=tmp_path / "ia2-repo" / "..",
+                       env={k: v for k, v in os.environ.items() if k != "IA2_REPO"}, timeout=60)
+    assert p.returncode == 1 and "set IA2_REPO to the project's git URL" in p.stderr  # (ia2-repo is not on the path)
 
 
 def test_tutorial_notebook_runs_top_to_bottom(tiny, monkeypatch):
