@@ -3,6 +3,9 @@
     python bench.py --make-proxy FOLDER                  # the speed proxy below: FOLDER/deep, FOLDER/proxy_words.csv
     python bench.py --make-qwen3-shape TOKENIZER FOLDER  # Qwen3-0.6B's shape, random weights, bf16
     python bench.py --check --model FOLDER --data FILE   # a GPU session's first command: see check()
+    python bench.py --count-ops [--ia2 OLD/ia2.py] -- IA2_ARGS ...  # aten ops of one whole ia2.py command
+
+--ia2 PATH times or counts another version's ia2.py (e.g. a `git worktree` of an older commit) with this bench.py.
 
     python bench.py --model <folder> --data rotten_tomatoes.csv [--device cuda] [--jobs 15] [--repeats 5]
     python bench.py --model <folder> --data rotten_tomatoes.csv --rollout [--demos 3] [--prompts 2]
@@ -23,8 +26,26 @@ import time
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ia2
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operations dispatched inside the block: on a GPU each is (at least) one kernel launch."""
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        CountOps.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(argv: list):
+    """The aten ops of one whole ia2.py command."""
+    CountOps.n = 0
+    with CountOps():
+        ia2.main(argv)
+    print(f"\n{CountOps.n:,} aten ops in the whole command ({ia2.__file__})")
 
 
 def sync(device):
@@ -33,14 +54,16 @@ def sync(device):
 
 
 def timed(fn, repeats, device):
-    """Mean seconds per call, after one warm-up call."""
-    fn()
+    """Mean seconds per call, after one warm-up call whose aten ops are counted: (seconds, ops)."""
+    CountOps.n = 0
+    with CountOps():
+        fn()
     sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         fn()
     sync(device)
-    return (time.perf_counter() - t) / repeats
+    return (time.perf_counter() - t) / repeats, CountOps.n
 
 
 @torch.no_grad()
@@ -215,6 +238,9 @@ def main():
     p.add_argument("--make-proxy", metavar="FOLDER", help="write the speed proxy: FOLDER/deep and FOLDER/proxy_words.csv")
     p.add_argument("--make-qwen3-shape", nargs=2, metavar=("TOKENIZER", "FOLDER"), help="write Qwen3-0.6B's shape")
     p.add_argument("--check", action="store_true", help="the default sst2 protocol end to end: time, memory, finite")
+    p.add_argument("--count-ops", nargs=argparse.REMAINDER, metavar="IA2_ARGS", help="count the aten ops of one "
+                   "ia2.py command (everything after --count-ops --)")
+    p.add_argument("--ia2", metavar="PATH", help="time or count this ia2.py instead of the one beside bench.py")
     p.add_argument("--runs", type=int, default=5, help="--check: runs (default: the protocol's 5)")
     p.add_argument("--epochs", type=int, default=50, help="--check: maximum epochs (default: the protocol's 50)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
@@ -227,6 +253,14 @@ def main():
     p.add_argument("--demos", type=int, default=3, help="--rollout: demos per ICL prompt (N-1; paper N=4)")
     p.add_argument("--prompts", type=int, default=2, help="--rollout: prompts timed")
     a = p.parse_args()
+    if a.ia2:  # another version of ia2.py, under the same name
+        import importlib.util
+        global ia2
+        spec = importlib.util.spec_from_file_location("ia2", a.ia2)
+        ia2 = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ia2)
+    if a.count_ops is not None:
+        return count_ops([x for x in a.count_ops if x != "--"])
     if a.make_proxy:
         return make_proxy(a.make_proxy)
     if a.make_qwen3_shape:
@@ -240,9 +274,9 @@ def main():
     rows = grid_speed(S, a.jobs, S.task.queries, a.repeats)
     name = torch.cuda.get_device_name() if S.model.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{a.model}, {name}, {S.model.dtype}, N={cfg.n_train}, mean of {a.repeats}\n")
-    print("| what | ms |\n|---|---|")
-    for what, t in rows:
-        print(f"| {what} | {1000 * t:.0f} |")
+    print("| what | ms | aten ops |\n|---|---|---|")
+    for what, (t, ops) in rows:
+        print(f"| {what} | {1000 * t:.0f} | {ops:,} |")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ adapter, and measures, following the paper:
     model reading the query alone and of the base model reading the query after N-1 demos, per
     layer, on the first 100 eval examples;
   - reliability diagrams (§5) over the equal-mass bins of the paper's ECE;
-  - the LoRA subspace overlap between methods (§5.2, Fig. 4);
+  - the LoRA subspace overlap between methods (§5.2, Fig. 4; LoRA runs only: an (IA)³ adapter has no subspace);
   - IA2→SFT against SFT and ICL on every eval task: Table 5's gaps and Table 8's paired comparison over
     runs, with an exact sign-flip p-value (this part alone for multi-token runs).
 Several folders (e.g. the same model and task at N = 2, 4, 8, 16) also give accuracy, ECE and asim
@@ -196,7 +196,7 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
         entry["max_p"] += pred[0][:, 0].tolist()
         entry["correct"] += correct.tolist()
 
-    with ia2.lora_disabled(model):
+    with ia2.without_adapters(model):
         zero_pred = evaluate(T.queries) if "zero_shot" in results else None
         zero_acts = activations(model, T.queries[:k])
     if zero_pred is not None:
@@ -205,7 +205,7 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
         s = cfg.seed + r
         _, _, rest, _ = ia2.few_shot_split(T.pool, cfg.n_train, s)
         icl = ia2.icl_eval_prompts(tok, T.labels, rest, T.eval_set, cfg.n_train - 1, s)
-        with ia2.lora_disabled(model):
+        with ia2.without_adapters(model):
             teach = activations(model, icl[:k])  # the teacher: the base model with N-1 demos
             if "icl" in results:
                 record("icl", r, evaluate(icl))
@@ -216,9 +216,11 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
             print(f"[{os.path.basename(folder)} run {r}] {m}: acc {out['methods'][m]['runs'][-1]['accuracy']:.1f}"
                   f" asim {out['methods'][m]['runs'][-1]['asim']:.3f}")
     trained = [m for m in ia2.TRAINED if m in results]
-    out["overlap"] = {a: {b: float(np.mean([adapter_overlap(adapter_folder(folder, results, a, r),
-                                                            adapter_folder(folder, results, b, r))
-                                            for r in range(cfg.runs)])) for b in trained} for a in trained}
+    out["adapter"], out["overlap"] = cfg.adapter, None  # (IA)³ has no low-rank subspace to compare: LoRA only
+    if cfg.adapter == "lora":
+        out["overlap"] = {a: {b: float(np.mean([adapter_overlap(adapter_folder(folder, results, a, r),
+                                                                adapter_folder(folder, results, b, r))
+                                                for r in range(cfg.runs)])) for b in trained} for a in trained}
     out["max_abs_diff_vs_results_json"] = max(
         abs(np.mean([x[key] for x in e["runs"]]) - results[m]["mean"][key])
         for m, e in out["methods"].items() for key in ("accuracy", "ece"))
@@ -382,6 +384,9 @@ def report(a: dict) -> str:
             lines.append(f"| {m} | {here} | {PAPER_SST2[m][0]} | {PAPER_SST2[m][1]} | "
                          f"{pm(s['asim'], '{:.2f}') if 'asim' in s else '–'} | {paper_asim} |")
         lines.append("")
+    if not a.get("overlap"):
+        return "\n".join(lines + ["## LoRA subspace overlap (§5.2)\n", "Not computed: an (IA)³ adapter is one vector per "
+                                   "matrix, with no low-rank subspace to compare; the overlap is LoRA's measure.\n"])
     names = list(a["overlap"])
     lines += ["## LoRA subspace overlap (§5.2)\n",
               "(1/r)·‖U1ᵀU2‖_F² of the top-r left singular vectors of ΔW = (α/r)·B·A, mean over the adapted "
@@ -434,7 +439,7 @@ def run(folders: list, out: str, device: str, n_asim: int):
             continue
         path = os.path.join(folder, "analysis.json")
         a = json.load(open(path)) if os.path.isfile(path) else {}
-        if "majority" not in a:  # not written by this version of eval.py
+        if "adapter" not in a:  # not written by this version of eval.py
             a = analyse(folder, device, n_asim)
             write(path, json.dumps(a))
         else:

@@ -95,7 +95,10 @@ class Config:
     n_train: int = arg(4, "N, labelled examples per run; each query sees the other N-1 (paper: 4 Qwen, 8 Llama)",
                        AT_LEAST(2))
     runs: int = arg(5, "runs r = 0..runs-1, each a different draw of the N examples (paper: 5)", AT_LEAST(1))
-    lr: tuple = arg((1e-4, 3e-4, 1e-3), "learning rate grid (paper: 1e-4 3e-4 1e-3)", (lambda v: v > 0, "> 0"))
+    adapter: str = arg("lora", "lora, or ia3: (IA)³, a learned scale of each target's input (the paper's Tables 6, "
+                       "16-20)", (lambda v: v in LR_GRIDS, "lora or ia3"))
+    lr: tuple = arg(None, "learning-rate grid; unset: the adapter's grid in the paper, lora 1e-4 3e-4 1e-3, ia3 1e-1 1e-2 "
+                    "1e-3", (lambda v: v > 0, "> 0"))
     beta: tuple = arg((0.1, 0.5, 0.7, 0.9), "β grid of ia2_plus_sft, (1-β)·L_IA2 + β·L_SFT(Ŷ), selected with the lr "
                       "(paper: Qwen 0.1 0.5 0.7 0.9, Llama 0.001 0.01 0.05 0.5)", (lambda v: 0 <= v <= 1, "in [0, 1]"))
     methods: tuple = arg(METHODS[:-1], f"any of {' '.join(METHODS)} (kd, Table 4's soft labels, only when named)",
@@ -105,8 +108,8 @@ class Config:
     epochs: int = arg(50, "maximum epochs (paper: 50)", AT_LEAST(1))
     patience: int = arg(5, "stop after this many dev checks (every 2 steps) without a new best (paper: 5)", AT_LEAST(1))
     batch_size: int = arg(4, "examples per step, min(this, N) (paper: 4, by gradient accumulation)", AT_LEAST(1))
-    rank: int = arg(8, "LoRA rank r; α = r (paper: 8)", AT_LEAST(1))
-    targets: str = arg("qko", "LoRA on these of every layer, letters of q k v o (paper: qko; Table 7: qk, qkv)",
+    rank: int = arg(8, "LoRA's rank r; α = r (paper: 8)", AT_LEAST(1))
+    targets: str = arg("qko", "the adapter on these of every layer, letters of q k v o (paper: qko; Table 7: qk, qkv)",
                        (lambda v: len(v) == len(set(v)) > 0 and set(v) <= set("qkvo"), "letters of qkvo"))
     restore: str = arg("best", "adapter kept: best (lowest dev loss, what the official code means to do) or last "
                        "(what it does); IA2→SFT continues the kept one", (lambda v: v in ("best", "last"), "best or last"))
@@ -121,6 +124,12 @@ class Config:
                      (lambda v: v in ("auto", "bfloat16", "float16", "float32"), "auto, bfloat16, float16 or float32"))
     out: str = arg(None, "output folder; unset: runs/<task>-<model>-n<N>-<time>")
     list_tasks: bool = arg(False, "print the task table and exit")
+
+    def __post_init__(self):
+        self.lr = LR_GRIDS.get(self.adapter, ()) if self.lr is None else self.lr
+
+
+LR_GRIDS = dict(lora=(1e-4, 3e-4, 1e-3), ia3=(1e-1, 1e-2, 1e-3))  # the paper's grid for each adapter (§5, App. B)
 
 
 def parse_args(argv=None) -> Config:
@@ -390,13 +399,15 @@ def icl_eval_prompts(tok, labels, demos_pool: list, eval_set: list, k: int, seed
 
 
 # -----------------------------------------------------------------------------
-# 2. LoRA, by hand: h = W0 x + (α/r) B A x, W0 frozen (§5: r=8, α=8 on q, k, o)
+# 2. The adapters, by hand, K of a kind side by side (§5; Tables 6, 16-20), W0 frozen, adapters fp32:
+#    LoRA, h = W0 x + (α/r)·B A x (r=8, α=8 on q, k, o); (IA)³, h = W0 (l ⊙ x)
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus K adapters side by side, A (K, r, d_in) and B (K, d_out, r), so that many
+    """A frozen nn.Linear plus K LoRA adapters side by side, A (K, r, d_in) and B (K, d_out, r), so that many
     adapters (lrs x runs) train and evaluate in one forward pass: batch row i goes through adapter rows[i]
     (set by `adapters`); with rows unset, adapter 0 serves every row."""
+    PEFT = dict(A="lora_A.weight", B="lora_B.weight")  # each tensor's name in PEFT's saved layout
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, K: int = 1):
         super().__init__()
@@ -418,38 +429,82 @@ class LoRALinear(nn.Module):
         return y + (self.scale * (x.float() @ A.mT @ B.mT)).to(y.dtype)  # + (α/r)·B A x, row by row
 
 
+class IA3Linear(nn.Module):
+    """A frozen nn.Linear whose input is scaled by a learned vector, h = W0 (l ⊙ x): (IA)³ (Liu et al. 2022) as the
+    official code configures PEFT, every target a "feed-forward" module. K vectors side by side, l (K, 1, d_in),
+    batch row i through l[rows[i]], as in LoRALinear."""
+    PEFT = dict(l="ia3_l")
+
+    def __init__(self, base: nn.Linear, K: int = 1):
+        super().__init__()
+        self.base, self.enabled, self.rows = base, True, None
+        self.l = nn.Parameter(torch.ones(K, 1, base.in_features, device=base.weight.device))  # fp32
+
+    def reset(self, k: int = 0):
+        nn.init.ones_(self.l[k])  # l = 1: the model starts as the base model
+
+    def forward(self, x):
+        if not self.enabled:
+            return self.base(x)
+        l = self.l[0] if self.rows is None else self.l[self.rows]  # (1, d_in), or (B, 1, d_in) for B rows
+        return self.base((x.float() * l).to(x.dtype))  # W0 (l ⊙ x), row by row
+
+
+ADAPTERS = (LoRALinear, IA3Linear)
+
+
 def add_lora(model, targets=("q_proj", "k_proj", "o_proj"), r=8, alpha=8, K=1):
-    """Freeze the model and wrap every targeted nn.Linear in a LoRALinear with K fresh adapters."""
+    return wrap(model, targets, lambda base: LoRALinear(base, r, alpha, K), f"LoRA r={r} α={alpha}", K)
+
+
+def add_ia3(model, targets=("q_proj", "k_proj", "o_proj"), K=1):
+    return wrap(model, targets, lambda base: IA3Linear(base, K), "(IA)³", K)
+
+
+def wrap(model, targets, adapter, name: str, K: int):
+    """Freeze the model and wrap every targeted nn.Linear (or the base of an adapter already there) in adapter(it)."""
     model.requires_grad_(False)
     for module in list(model.modules()):
         for t in targets:
             old = getattr(module, t, None)
-            if isinstance(old, (nn.Linear, LoRALinear)):  # a wrapped one gets new adapters
-                setattr(module, t, LoRALinear(getattr(old, "base", old), r, alpha, K))
+            if isinstance(old, (nn.Linear, *ADAPTERS)):
+                setattr(module, t, adapter(getattr(old, "base", old)))
     n = sum(p.numel() for p in model.parameters() if p.requires_grad) // K
-    print(f"LoRA r={r} α={alpha} on {','.join(targets)}: {n:,} trainable parameters" + f" x {K} adapters" * (K > 1))
+    print(f"{name} on {','.join(targets)}: {n:,} trainable parameters" + f" x {K} adapters" * (K > 1))
     return model
 
 
-def lora_modules(model) -> dict:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def adapter_targets(cfg: Config) -> tuple:
+    return tuple(f"{c}_proj" for c in cfg.targets)  # "qko" -> q_proj, k_proj, o_proj
 
 
-def lora_state(model, k: int = 0) -> dict:
-    """A copy of adapter k: {module name: (A, B)}."""
-    return {n: (m.A[k].detach().clone(), m.B[k].detach().clone()) for n, m in lora_modules(model).items()}
+def add_adapters(model, cfg: Config, K: int = 1):
+    """K fresh adapters of --adapter's kind on --targets."""
+    if cfg.adapter == "ia3":
+        return add_ia3(model, adapter_targets(cfg), K)
+    return add_lora(model, adapter_targets(cfg), r=cfg.rank, alpha=cfg.rank, K=K)
 
 
-def load_lora_state(model, state: dict, k: int = 0):
+def adapter_modules(model) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ADAPTERS)}
+
+
+def adapter_state(model, k: int = 0) -> dict:
+    """A copy of adapter k: {module name: (A, B)} for LoRA, {module name: (l,)} for (IA)³."""
+    return {n: tuple(getattr(m, p)[k].detach().clone() for p in m.PEFT) for n, m in adapter_modules(model).items()}
+
+
+def load_adapter_state(model, state: dict, k: int = 0):
     with torch.no_grad():
-        for n, m in lora_modules(model).items():
-            m.A[k].copy_(state[n][0]), m.B[k].copy_(state[n][1])
+        for n, m in adapter_modules(model).items():
+            for p, t in zip(m.PEFT, state[n]):
+                getattr(m, p)[k].copy_(t)
 
 
 @contextlib.contextmanager
-def lora_set(model, **values):
-    """Inside the block, these attributes of every LoRALinear have these values."""
-    mods = list(lora_modules(model).values())
+def set_adapters(model, **values):
+    """Inside the block, these attributes of every adapter module have these values."""
+    mods = list(adapter_modules(model).values())
     old = [{k: getattr(m, k) for k in values} for m in mods]
     for m in mods:
         m.__dict__.update(values)
@@ -462,43 +517,47 @@ def lora_set(model, **values):
 
 def adapters(model, rows):
     """Inside the block, batch row i goes through adapter rows[i] (None: adapter 0 for every row)."""
-    return lora_set(model, rows=None if rows is None else torch.as_tensor(rows, device=model.device))
+    return set_adapters(model, rows=None if rows is None else torch.as_tensor(rows, device=model.device))
 
 
-def lora_disabled(model):
+def without_adapters(model):
     """Inside the block the model is the base model: the teacher, zero-shot, ICL."""
-    return lora_set(model, enabled=False)
+    return set_adapters(model, enabled=False)
 
 
 def save_adapter(model, folder: str, cfg: Config, k: int = 0):
     """Adapter k in PEFT's layout: peft.PeftModel.from_pretrained(base_model, folder) loads it (tested)."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
-    save_file({f"base_model.model.{n}.lora_{x}.weight": t.cpu().contiguous() for n, ab in lora_state(model, k).items()
-               for x, t in zip("AB", ab)}, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    names = {n: m.PEFT for n, m in adapter_modules(model).items()}
+    save_file({f"base_model.model.{n}.{key}": t.cpu().contiguous() for n, ts in adapter_state(model, k).items()
+               for key, t in zip(names[n].values(), ts)}, os.path.join(folder, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    targets, common = list(adapter_targets(cfg)), dict(task_type="CAUSAL_LM", base_model_name_or_path=cfg.model,
+                                                       inference_mode=True)
+    config = (dict(peft_type="IA3", target_modules=targets, feedforward_modules=targets, fan_in_fan_out=False,
+                   init_ia3_weights=True, **common) if cfg.adapter == "ia3" else
+              dict(peft_type="LORA", r=cfg.rank, lora_alpha=cfg.rank, lora_dropout=0.0, bias="none",
+                   target_modules=targets, init_lora_weights=True, **common))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=cfg.model, r=cfg.rank,
-                       lora_alpha=cfg.rank, lora_dropout=0.0, bias="none", target_modules=list(lora_targets(cfg)),
-                       init_lora_weights=True, inference_mode=True), f, indent=2)
+        json.dump(config, f, indent=2)
 
 
 def read_adapter(folder: str) -> dict:
-    """A saved adapter, as lora_state gives it: {module name: (A, B)}."""
+    """A saved adapter, as adapter_state gives it."""
     from safetensors.torch import load_file
     path = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise IA2Error(f"no adapter at {path}")
     t = load_file(path)
-    names = [k[len("base_model.model."):-len(".lora_A.weight")] for k in t if k.endswith(".lora_A.weight")]
-    return {n: (t[f"base_model.model.{n}.lora_A.weight"], t[f"base_model.model.{n}.lora_B.weight"]) for n in names}
+    keys = (IA3Linear if any(k.endswith(".ia3_l") for k in t) else LoRALinear).PEFT.values()
+    first = "." + next(iter(keys))
+    names = [k[len("base_model.model."):-len(first)] for k in t if k.endswith(first)]
+    return {n: tuple(t[f"base_model.model.{n}.{key}"] for key in keys) for n in names}
 
 
 def load_adapter(model, folder: str, k: int = 0):
-    load_lora_state(model, read_adapter(folder), k)
-
-
-def lora_targets(cfg: Config) -> tuple:
-    return tuple(f"{c}_proj" for c in cfg.targets)  # "qko" -> q_proj, k_proj, o_proj
+    load_adapter_state(model, read_adapter(folder), k)
 
 
 # -----------------------------------------------------------------------------
@@ -676,7 +735,7 @@ def teacher(model, items: list, T: int, eos_id: int, scores=False):
     eos, read = eos_ids(model, eos_id), read_tokens(model, False, 8)
     host = scores and model.device.type == "cuda" and (
         4 * len(items) * T * model.config.vocab_size > torch.cuda.mem_get_info(model.device)[0] / 4)
-    with lora_disabled(model):
+    with without_adapters(model):
         for part in spans([len(it["icl"]) + T + read for it in items], token_budget(model, grad=False)):
             outs = generate(model, [it["icl"] for it in items[part]], T, {eos_id}, capture=True, scores=scores)
             if not all(torch.isfinite(o["acts"]).all() for o in outs):
@@ -832,13 +891,13 @@ def train(model, objective: str, jobs: list, cfg: Config, tag) -> list:
     steps and at each epoch end; stop after `patience` checks without a new best, or after --epochs; keep the
     best adapter (--restore last: the last). Each job's init, example order, steps and dev losses are those of
     training it alone (tested). tag(job) names a job in the log."""
-    add_lora(model, lora_targets(cfg), r=cfg.rank, alpha=cfg.rank, K=len(jobs))
+    add_adapters(model, cfg, K=len(jobs))
     for k, job in enumerate(jobs):
         set_seed(cfg.seed + job.run)  # the same init for every method of a run
-        for mod in lora_modules(model).values():
+        for mod in adapter_modules(model).values():
             mod.reset(k)
         if job.start:
-            load_lora_state(model, job.start, k)
+            load_adapter_state(model, job.start, k)
         job.rng = np.random.RandomState(cfg.seed + job.run)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, best = Adam(params, [job.lr for job in jobs]), [p.detach().clone() for p in params]  # best: per slot
@@ -1100,7 +1159,7 @@ def setup(cfg: Config) -> Setup:
         raise IA2Error(f"{cfg.model}'s tokenizer has no EOS token; multi-token targets end with one")
     check_tokenizer(tok, [x for x, _ in data[cfg.task][1][:20]])
     model = load_model(cfg.model, tok, device, dtype)
-    add_lora(model, lora_targets(cfg), r=cfg.rank, alpha=cfg.rank)
+    add_adapters(model, cfg)
     view = {n: Task(n, TASKS[n], labels[n], label_ids.get(n), *data[n], [encode(tok, x) for x, _ in data[n][1]],
                     np.array([y for _, y in data[n][1]], dtype=int if labels[n] else object)) for n in tasks}
     return Setup(cfg, tok, model, view[cfg.task], [view[n] for n in names])
@@ -1214,7 +1273,7 @@ def run_method(S: Setup, m: str, runs: list, ia2_states: dict, folder: str, rows
     evaluated at once on every eval task and saved; ia2_then_sft(_icl) continues the IA2 adapter of its (lr, run)."""
     cfg = S.cfg
     if m in ("zero_shot", "icl"):
-        with lora_disabled(S.model):
+        with without_adapters(S.model):
             for ev in S.evals:
                 sets = [ev.queries] if m == "zero_shot" else [icl_eval_prompts(
                     S.tok, S.task.labels, run["rest"], ev.eval_set, cfg.n_train - 1, cfg.seed + run["r"]) for run in runs]
@@ -1226,7 +1285,7 @@ def run_method(S: Setup, m: str, runs: list, ia2_states: dict, folder: str, rows
     name = lambda job: f"{m} lr={job.lr:g}" + (f" β={job.beta:g}" if job.beta is not None else "") + f" run {job.run}"
     train(S.model, OBJECTIVE[m], jobs, cfg, name)
     if m == "ia2":
-        ia2_states.update({(job.lr, job.run): lora_state(S.model, k) for k, job in enumerate(jobs)})
+        ia2_states.update({(job.lr, job.run): adapter_state(S.model, k) for k, job in enumerate(jobs)})
     for ev in S.evals if m in cfg.methods else []:  # else only the IA2 phase of ia2_then_sft(_icl)
         for job, x in zip(jobs, evaluate(S, ev, [ev.queries] * len(jobs), list(range(len(jobs))), 2,
                                          f"{name(jobs[0])} on {ev.name}")):

@@ -100,7 +100,7 @@ def test_lora_is_identity_at_init_and_equals_merged_weight():
     torch.nn.init.normal_(lora.B)
     merged = base.weight + (8 / 4) * lora.B[0] @ lora.A[0]  # W0 + (α/r)·B·A
     torch.testing.assert_close(lora(x), torch.nn.functional.linear(x, merged, base.bias))
-    with ia2.lora_disabled(torch.nn.Sequential(lora)):
+    with ia2.without_adapters(torch.nn.Sequential(lora)):
         assert torch.equal(lora(x), base(x))
 
 
@@ -117,7 +117,7 @@ def test_add_lora_keeps_outputs_and_trains_only_lora(model):
     frozen = {n: p.clone() for n, p in m.named_parameters() if not p.requires_grad}
     ia2.train(m, "sft", [ia2.Job(1e-2, 0, items(tok), items(tok, 2, 1))], ia2.Config(n_train=4, epochs=2), str)
     assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if not p.requires_grad)
-    assert any(mod.B.abs().sum() > 0 for mod in ia2.lora_modules(m).values())
+    assert any(mod.B.abs().sum() > 0 for mod in ia2.adapter_modules(m).values())
 
 
 def test_lora_rows_each_use_their_own_adapter():
@@ -134,6 +134,44 @@ def test_lora_rows_each_use_their_own_adapter():
         torch.testing.assert_close(y[i], torch.nn.functional.linear(x[i], merged, base.bias))
     lora.rows = None  # unset: adapter 0 for every row
     torch.testing.assert_close(lora(x), torch.nn.functional.linear(x, base.weight + 2 * lora.B[0] @ lora.A[0], base.bias))
+
+
+def test_ia3_is_the_base_model_at_init_and_equals_its_merged_weight():
+    """h = W0 (l ⊙ x) = (W0 · diag(l)) x, the weight PEFT's merge makes; l = 1 at init leaves W0."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24)
+    ia3 = ia2.IA3Linear(base)
+    x = torch.randn(3, 16)
+    assert torch.equal(ia3(x), base(x)) and ia3.l.shape == (1, 1, 16)
+    torch.nn.init.normal_(ia3.l)
+    merged = base.weight * ia3.l[0]  # W0 · diag(l): column j scaled by l_j
+    torch.testing.assert_close(ia3(x), torch.nn.functional.linear(x, merged, base.bias))
+    with ia2.without_adapters(torch.nn.Sequential(ia3)):
+        assert torch.equal(ia3(x), base(x))
+
+
+def test_ia3_rows_each_use_their_own_vector():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24)
+    ia3 = ia2.IA3Linear(base, K=3)
+    torch.nn.init.normal_(ia3.l)
+    x = torch.randn(4, 5, 16)
+    ia3.rows = torch.tensor([2, 0, 2, 1])
+    y = ia3(x)
+    for i, k in enumerate([2, 0, 2, 1]):
+        torch.testing.assert_close(y[i], torch.nn.functional.linear(x[i], base.weight * ia3.l[k], base.bias))
+    ia3.rows = None  # unset: vector 0 for every row
+    torch.testing.assert_close(ia3(x), torch.nn.functional.linear(x, base.weight * ia3.l[0], base.bias))
+
+
+def test_add_ia3_trains_only_one_vector_per_target(model):
+    tok, m = model
+    ids = torch.tensor([ia2.encode(tok, "Text:the film was good\nLabel:")])
+    before = m(ids).logits
+    ia2.add_ia3(m)
+    torch.testing.assert_close(m(ids).logits, before)
+    trainable = {n: p.numel() for n, p in m.named_parameters() if p.requires_grad}
+    assert all(n.endswith(".l") for n in trainable) and sum(trainable.values()) == 2 * (32 + 32 + 32)  # d_in of q, k, o
 
 
 def test_adam_per_slot_equals_torch_adam():
@@ -333,7 +371,7 @@ def test_padded_batch_equals_one_at_a_time(model, objective, kind):
     """Right-padded batches, per-example averaging: the official one example per forward, exactly."""
     tok, m = model
     ia2.add_lora(m)
-    for mod in ia2.lora_modules(m).values():
+    for mod in ia2.adapter_modules(m).values():
         torch.nn.init.normal_(mod.B, std=0.1)
     batch = items(tok) if kind == "single" else multi_items(tok)
 
@@ -394,15 +432,15 @@ def test_kv_cached_teacher_equals_full_reforward(model):
     official uncached one-example re-forward, with and without an early EOS (fp32)."""
     tok, m = model
     ia2.add_lora(m)  # the teacher must run the base model: a non-zero adapter must not matter
-    for mod in ia2.lora_modules(m).values():
+    for mod in ia2.adapter_modules(m).values():
         torch.nn.init.normal_(mod.B)
     prompts = [ia2.encode(tok, p) for p in ("Text:the film was good\nLabel:1\n\nText:the plot\nLabel:",
                                             "Text:bad\nLabel:", "Text:a story was very very dull\nLabel:0\n\nText:x")]
-    with ia2.lora_disabled(m):
+    with ia2.without_adapters(m):
         refs = [uncached_rollout(m, p, 12, eos=-1) for p in prompts]
     k = next(k for k in range(2, 12) if refs[0][0][k] not in refs[0][0][:k])  # a token first emitted at step k
     eos = refs[0][0][k]
-    with ia2.lora_disabled(m):
+    with ia2.without_adapters(m):
         refs_eos = [uncached_rollout(m, p, 12, eos=eos) for p in prompts]
     assert len(refs_eos[0][0]) == k + 1
     m.generation_config.eos_token_id = None  # generate() too stops at eos_id only (other EOS ids: the kd test)
@@ -611,23 +649,25 @@ def dev_log(text: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("objective", ["sft", "ia2", "ia2_plus_sft"])
-def test_jobs_trained_together_equal_each_trained_alone(model, capsys, monkeypatch, objective):
+@pytest.mark.parametrize("adapter, objective", [("lora", "sft"), ("lora", "ia2"), ("lora", "ia2_plus_sft"),
+                                               ("ia3", "ia2_plus_sft")])
+def test_jobs_trained_together_equal_each_trained_alone(model, capsys, monkeypatch, adapter, objective):
     """K adapters in one batch (and in pieces of one example, the token budget at its smallest) give each
     job the init, example order, steps, dev losses and final adapter of training it alone."""
     tok, m = model
-    ia2.add_lora(m)
-    cfg = ia2.Config(n_train=4, batch_size=2, epochs=7, patience=2, seed=3)
+    cfg = ia2.Config(n_train=4, batch_size=2, epochs=7, patience=2, seed=3, adapter=adapter)
+    ia2.add_adapters(m, cfg)
     ia2.set_seed(9)
-    start = {n: (a + 0.1 * torch.randn_like(a), 0.1 * torch.randn_like(b)) for n, (a, b) in ia2.lora_state(m).items()}
+    start = {n: tuple(x + 0.1 * torch.randn_like(x) for x in ts) for n, ts in ia2.adapter_state(m).items()}
     data = [(items(tok, 4, 0), items(tok, 2, 5)), (items(tok, 4, 1), items(tok, 2, 6)), (items(tok, 3, 2), items(tok, 2, 7))]
-    make = lambda: [ia2.Job(1e-2, 0, *data[0], beta=0.3), ia2.Job(3e-2, 1, *data[1], beta=0.7),
-                    ia2.Job(1e-2, 1, *data[2], beta=0.5, start=start)]
+    lr = 1e-2 if adapter == "lora" else 3e-1  # (IA)³'s grid is 10-100x LoRA's
+    make = lambda: [ia2.Job(lr, 0, *data[0], beta=0.3), ia2.Job(3 * lr, 1, *data[1], beta=0.7),
+                    ia2.Job(lr, 1, *data[2], beta=0.5, start=start)]
     tag = lambda job: f"{job.lr:g} {job.run} {job.beta}"
     alone = []
     for job in make():
         ia2.train(m, objective, [job], cfg, tag)
-        alone.append((job, ia2.lora_state(m, 0)))
+        alone.append((job, ia2.adapter_state(m, 0)))
     logs_alone = dev_log(capsys.readouterr().out)
     for budget in (None, 1):
         if budget:
@@ -638,9 +678,9 @@ def test_jobs_trained_together_equal_each_trained_alone(model, capsys, monkeypat
         for k, (job, (ref, state)) in enumerate(zip(together, alone)):
             assert job.steps == ref.steps and job.epoch == ref.epoch and job.best == pytest.approx(ref.best, abs=1e-5)
             assert logs[tag(job)] == pytest.approx(logs_alone[tag(job)], abs=1.01e-4)  # printed to 4 decimals
-            for n, (a, b) in ia2.lora_state(m, k).items():
-                torch.testing.assert_close(a, state[n][0], atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(b, state[n][1], atol=1e-5, rtol=1e-4)
+            for n, ts in ia2.adapter_state(m, k).items():
+                for x, ref in zip(ts, state[n]):
+                    torch.testing.assert_close(x, ref, atol=1e-5, rtol=1e-4)
     assert len({j.steps for j in together}) > 1  # the jobs stopped at different steps: one ran on alone
 
 
@@ -648,15 +688,15 @@ def test_many_adapters_evaluated_at_once_equal_one_at_a_time(model):
     tok, m = model
     ia2.add_lora(m, K=3)
     torch.manual_seed(0)
-    for mod in ia2.lora_modules(m).values():
+    for mod in ia2.adapter_modules(m).values():
         torch.nn.init.normal_(mod.B, std=0.3)
-    states = [ia2.lora_state(m, k) for k in range(3)]
+    states = [ia2.adapter_state(m, k) for k in range(3)]
     queries = [it["x"] for it in items(tok, 5)]
     together = ia2.predict(m, queries * 3, [5, 6], slots=[k for k in range(3) for _ in queries])
     texts = ia2.generate_texts(m, tok, queries * 3, 6, slots=[k for k in range(3) for _ in queries])
     ia2.add_lora(m)
     for k, state in enumerate(states):
-        ia2.load_lora_state(m, state)
+        ia2.load_adapter_state(m, state)
         alone = ia2.predict(m, queries, [5, 6])
         for x, y in zip(together, alone):
             np.testing.assert_allclose(x[k * 5:(k + 1) * 5], y, atol=1e-6)
@@ -1049,20 +1089,21 @@ def test_labels_with_a_leading_space_run_end_to_end(tiny, capsys):
     assert [x["accuracy"] for x in rows] == [pytest.approx(expected)] and expected > 0
 
 
-@pytest.mark.parametrize("task", ["sst2", "gsm8k"])
-def test_cli_every_method_on_a_bf16_base_model(tiny, task):
+@pytest.mark.parametrize("task, adapter", [("sst2", "lora"), ("gsm8k", "lora"), ("gsm8k", "ia3")])
+def test_cli_every_method_on_a_bf16_base_model(tiny, task, adapter):
     """--dtype bfloat16 on the CPU takes the paths a GPU takes: a bf16 base model under fp32 adapters, logits and
-    losses, for every method, single- and multi-token."""
+    losses, for every method, single- and multi-token, with either adapter."""
     data = ["--data", tiny["data"]]
     if task == "gsm8k":
         rng = np.random.RandomState(1)
         qa = lambda a, b: dict(question=f"the film {a} plus {b}?", answer=f"{a}+{b}={a + b}\n#### {a + b}")
         data = ["--task", "gsm8k", "--max-new-tokens", "5",
                 "--data", write_jsonl(tiny["root"] / "bf16.jsonl", [qa(*rng.randint(1, 9, 2)) for _ in range(16)])]
-    p = cli(tiny, *data, "--dtype", "bfloat16", "--device", "cpu", "--n-train", "2", "--runs", "1", "--eval-size", "4",
-            "--epochs", "1", "--lr", "1e-3", "--beta", "0.5", "--methods", *ia2.METHODS, out=f"bf16-{task}")
+    p = cli(tiny, *data, "--adapter", adapter, "--dtype", "bfloat16", "--device", "cpu", "--n-train", "2", "--runs",
+            "1", "--eval-size", "4", "--epochs", "1", "--lr", "1e-2", "--beta", "0.5", "--methods", *ia2.METHODS,
+            out=f"bf16-{task}-{adapter}")
     assert p.returncode == 0 and library_lines(p.stderr) == [], p.stderr
-    folder = tiny["root"] / f"bf16-{task}"
+    folder = tiny["root"] / f"bf16-{task}-{adapter}"
     assert json.loads((folder / "config.json").read_text())["dtype"] == "torch.bfloat16"
     rows = json.loads((folder / "results.json").read_text())["rows"]
     assert {x["method"] for x in rows} == set(ia2.METHODS)
@@ -1084,6 +1125,28 @@ def test_list_tasks():
     assert p.returncode == 0 and all(f"| {t} |" in p.stdout for t in ia2.TASKS) and len(ia2.TASKS) == 12
 
 
+def test_saved_ia3_adapter_loads_in_peft(tiny):
+    """--adapter ia3 in PEFT's (IA)³ layout (ia3_l of shape (1, d_in), every target a feed-forward module): PEFT
+    loads it and gives the logits ia2's own IA3Linear gives."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    p = cli(tiny, "--adapter", "ia3", "--n-train", "4", "--runs", "1", "--eval-size", "10", "--epochs", "2", "--lr",
+            "1e-1", "--methods", "ia2_then_sft", out="peft-ia3")
+    assert p.returncode == 0, p.stderr
+    folder = str(tiny["root"] / "peft-ia3" / "adapters" / "ia2_then_sft" / "lr0.1" / "run0")
+    config = json.loads(open(folder + "/adapter_config.json").read())
+    assert config["peft_type"] == "IA3" and config["feedforward_modules"] == config["target_modules"]
+    ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), folder)
+    tok = ia2.load_tokenizer(tiny["model"])
+    ours = ia2.load_model(tiny["model"], tok, torch.device("cpu"), torch.float32)
+    ia2.add_ia3(ours)
+    ia2.load_adapter(ours, folder)
+    assert any((mod.l - 1).abs().max() > 1e-3 for mod in ia2.adapter_modules(ours).values())  # it trained
+    ids = torch.tensor([ia2.encode(tok, "Text:the film was good\nLabel:")])
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_saved_adapter_loads_in_peft(tiny):
     peft = pytest.importorskip("peft")
     from safetensors.torch import load_file
@@ -1098,8 +1161,8 @@ def test_saved_adapter_loads_in_peft(tiny):
     ia2.add_lora(ours, ("q_proj", "k_proj", "v_proj"))
     w = load_file(folder + "/adapter_model.safetensors")
     assert {k.split(".")[-3] for k in w} == {"q_proj", "k_proj", "v_proj"}
-    ia2.load_lora_state(ours, {n: (w[f"base_model.model.{n}.lora_A.weight"], w[f"base_model.model.{n}.lora_B.weight"])
-                               for n in ia2.lora_modules(ours)})
+    ia2.load_adapter_state(ours, {n: (w[f"base_model.model.{n}.lora_A.weight"], w[f"base_model.model.{n}.lora_B.weight"])
+                                  for n in ia2.adapter_modules(ours)})
     assert any(t.abs().sum() > 0 for k, t in w.items() if "lora_B" in k)
     ids = torch.tensor([ia2.encode(tok, "Text:the film was good\nLabel:")])
     with torch.no_grad():
@@ -1440,12 +1503,12 @@ def test_asim_known_answers_and_a_model_with_itself(model):
     ia2.add_lora(m)
     seqs = [it["x"] for it in items(tok, 5)]
     with torch.no_grad():
-        for mod in ia2.lora_modules(m).values():
+        for mod in ia2.adapter_modules(m).values():
             mod.B.normal_()  # a non-trivial adapter: still the same model on both sides
     acts = ev.activations(m, seqs, bs=2)
     assert acts.shape == (5, 2, 32)
     assert torch.allclose(ev.asim(acts, ev.activations(m, seqs, bs=5)), torch.ones(5, 2), atol=1e-5)
-    with ia2.lora_disabled(m):
+    with ia2.without_adapters(m):
         assert ev.asim(acts, ev.activations(m, seqs)).mean() < 0.999  # and the base model is another one
 
 
@@ -1517,6 +1580,28 @@ def test_eval_end_to_end_report_figures_and_sweep(tiny):
     p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(tiny["root"] / "nothing")],
                        capture_output=True, text=True, cwd=tiny["root"])
     assert p.returncode == 2 and "not a finished ia2.py run folder" in our_line(p.stderr)
+
+
+def test_every_method_and_eval_py_on_an_ia3_run(tiny):
+    """--adapter ia3: every method trains (ia2_then_sft continuing its IA2 job's vectors), the lr grid defaults to
+    the paper's (IA)³ grid, and eval.py measures the run as a LoRA one (reloaded adapters reproduce results.json)
+    but reports that the subspace overlap, LoRA's measure, is not computed."""
+    p = cli(tiny, "--adapter", "ia3", "--n-train", "4", "--runs", "2", "--eval-size", "12", "--epochs", "2",
+            "--methods", *ia2.METHODS, out="ia3-run")
+    assert p.returncode == 0, p.stderr
+    folder = tiny["root"] / "ia3-run"
+    assert "(IA)³ on q_proj,k_proj,o_proj" in p.stdout and "plan: 60 adapters" in p.stdout
+    res = json.loads((folder / "results.json").read_text())
+    assert {x["method"] for x in res["rows"]} == set(ia2.METHODS)
+    assert {x["lr"] for x in res["rows"] if x["lr"]} == {1e-1, 1e-2, 1e-3}
+    p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(folder), "--asim-examples", "4"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    a = json.loads((folder / "analysis.json").read_text())
+    assert a["max_abs_diff_vs_results_json"] < 1e-6 and a["overlap"] is None
+    assert all(0 < x["asim"] <= 1 for m in ("sft", "ia2") for x in a["methods"][m]["runs"])
+    report = (folder / "report.md").read_text()
+    assert "Not computed: an (IA)³ adapter is one vector per matrix" in report and (folder / "reliability.png").exists()
 
 
 def last_token_acts(layers, model, prompts) -> torch.Tensor:
