@@ -148,258 +148,8 @@ def parse_args(argv=None) -> Config:
     return cfg
 
 
-def set_seed(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str, dtype: str = "auto"):
-    """The device and the base model's dtype. auto: bf16 on a GPU with native bf16 (compute capability >= 8: A100,
-    H100, RTX 30xx on); fp32 on older GPUs (T4, V100: bf16 is emulated there, slowly, and fp16's range overflows in
-    some models' activations), on a Mac and on a CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        raise IA2Error(f"--device {name}: torch sees no {name.upper()} device")
-    if dtype == "auto":
-        native_bf16 = name == "cuda" and torch.cuda.get_device_capability()[0] >= 8
-        dtype = "bfloat16" if native_bf16 else "float32"
-    return torch.device(name), getattr(torch, dtype)
-
-
 # -----------------------------------------------------------------------------
-# 1. The tasks, the prompts and the few-shot protocol (§5 "Data Setup", App. A)
-
-# The official prepare_data.py's templates (no space after the colons) and label strings. `row` turns a Hub
-# record into the template's fields and a label (index into `labels`) or an answer text; None drops it.
-# splits: (pool, eval); no pool: evaluation only (OOD); no eval split: the last --eval-size records.
-SLOTS = ["apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday"]  # App. A, seed 42
-TEXT, QA = "Text:{text}\nLabel:", "Question:{question}\nAnswer:"
-CHOICES = lambda n: "Question:{question}\nChoices:\n" + "".join(f"[{SLOTS[i]}]{{o{i}}}\n" for i in range(n)) + "\nAnswer:"
-BBC = {"tech": 3, "business": 2, "sport": 1}  # AG News' label of each BBC topic; entertainment, politics: 0
-
-
-def sciq_row(ex, rng):
-    """Options [d1, d2, d3, correct] shuffled by the loader's one generator (official prepare_data.py:1294-1303):
-    slot i shows options[order[i]]; the label is the correct one's slot."""
-    options, order = [ex["distractor1"], ex["distractor2"], ex["distractor3"], ex["correct_answer"]], [0, 1, 2, 3]
-    rng.shuffle(order)
-    return dict(question=ex["question"], **{f"o{i}": options[j] for i, j in enumerate(order)}, label=order.index(3))
-
-
-def sciq_rng():
-    """The official loader's numpy state at its first option shuffle: seeded 42, then four distinct slot words
-    drawn from a list of 9 (prepare_data.py:1352-1362); it goes on through the pool, then the eval set."""
-    rng, drawn = np.random.RandomState(42), set()
-    while len(drawn) < 4:
-        drawn.add(rng.randint(9))  # = np.random.choice(9 words)
-    return rng
-
-
-TASKS = {
-    "sst2": dict(paper="SST2", hub=("stanfordnlp/sst2", None), splits=("train", "validation"), template=TEXT,
-                 labels=["0", "1"], row=lambda ex, rng: dict(text=ex["sentence"], label=ex["label"])),
-    "finsen": dict(paper="FinS", hub=("takala/financial_phrasebank", "sentences_50agree"), splits=("train", None),
-                   template=TEXT, labels=["0", "1"],  # {0 negative, 2 positive} -> {0, 1}; neutral dropped
-                   row=lambda ex, rng: None if ex["label"] == 1 else dict(text=ex["sentence"], label=ex["label"] // 2)),
-    "poems": dict(paper="PoemS", hub=("google-research-datasets/poem_sentiment", None), splits=(None, "train"),
-                  template=TEXT, labels=["0", "1"],  # negative, positive; no_impact and mixed dropped: 288 left
-                  row=lambda ex, rng: dict(text=ex["verse_text"], label=ex["label"]) if ex["label"] < 2 else None),
-    "strategytf": dict(paper="STF", hub=("wics/strategy-qa", None), splits=("test", None), template=QA,
-                       labels=["0", "1"], row=lambda ex, rng: dict(question=ex["question"], label=int(ex["answer"]))),
-    "agnews": dict(paper="AGN", hub=("fancyzhx/ag_news", None), splits=("train", "test"), template=TEXT,
-                   labels=["0", "1", "2", "3"],  # World, Sports, Business, Sci/Tech
-                   row=lambda ex, rng: dict(text=ex["text"], label=ex["label"])),
-    "bbcnews": dict(paper="BBCN", hub=("SetFit/bbc-news", None), splits=(None, "test"), template=TEXT,
-                    labels=["0", "1", "2", "3"], row=lambda ex, rng: dict(  # 256 characters, cut at a word boundary
-                        text=ex["text"] if len(ex["text"]) <= 256 else ex["text"][:256].rsplit(" ", 1)[0],
-                        label=BBC.get(ex["label_text"], 0))),
-    "sciq_remap": dict(paper="SciQr", hub=("allenai/sciq", None), splits=("train", "validation"),
-                       template=CHOICES(4), labels=SLOTS[:4], row=sciq_row),
-    "qasc_remap": dict(paper="QASCr", hub=("allenai/qasc", None), splits=(None, "validation"), template=CHOICES(8),
-                       labels=SLOTS, row=lambda ex, rng: dict(
-                           question=ex["question"], **{f"o{i}": t for i, t in enumerate(ex["choices"]["text"])},
-                           label=ex["choices"]["label"].index(ex["answerKey"]))),
-    "gsm8k": dict(paper="GSM8K", hub=("openai/gsm8k", "main"), splits=("train", "test"), template=QA, labels=None,
-                  gen=200, row=lambda ex, rng: dict(question=ex["question"], answer=ex["answer"])),
-    "gsm8ks": dict(paper="GSM8Ks", hub=("apple/GSM-Symbolic", "main"), splits=(None, "test"), template=QA,
-                   labels=None, gen=200, row=lambda ex, rng: dict(question=ex["question"], answer=ex["answer"])),
-    "hmath_algebra": dict(paper="HMathA", hub=("EleutherAI/hendrycks_math", "algebra"), splits=("train", "test"),
-                          template=QA, labels=None, gen=400,
-                          row=lambda ex, rng: dict(question=ex["problem"], answer=ex["solution"])),
-    "sciqa": dict(paper="SciQ", hub=("allenai/sciq", None), splits=("train", "validation"), template=QA, labels=None,
-                  gen=200, row=lambda ex, rng: dict(question=ex["question"],
-                                                    answer=f"{ex['support']}\n#### {ex['correct_answer']}")),
-}
-# Two of these datasets are still loading scripts, which datasets >= 4.0 no longer runs: they are read from the
-# Hub's own parquet conversion of the same records (branch refs/convert/parquet, one folder per config; README).
-PARQUET = {"takala/financial_phrasebank": "sentences_50agree", "wics/strategy-qa": "strategyQA"}
-ALIASES = {"text": ("sentence", "verse_text", "review"), "label": ("sentiment",), "question": ("problem",),
-           "answer": ("solution",)}  # other names a local file may give the template's columns
-
-
-def task_table() -> str:
-    """--list-tasks."""
-    return "\n".join(["| task | paper | Hub id (config) | pool -> eval split | template | labels |", "|---" * 6 + "|"] + [
-        f"| {n} | {t['paper']} | {' '.join(filter(None, t['hub']))} | {t['splits'][0] or 'none (eval only)'} -> "
-        f"{t['splits'][1] or 'its last records'} | {t['template']!r} | {' '.join(t['labels'] or ['answer + EOS'])} |"
-        for n, t in TASKS.items()])
-
-
-def make_prompt(x: str, demos=()) -> str:
-    """Demos are 'question+answer', joined by a blank line; one more precedes the query X."""
-    return "".join(d + "\n\n" for d in demos) + x
-
-
-def answer_text(labels, y) -> str:
-    return labels[y] if labels else y  # single-token: the label string; multi-token: the answer itself
-
-
-def load_task(cfg: Config, name: str, labels, path=None):
-    """(pool, eval set), lists of (X, y): the filled template and a label index or an answer. As the official
-    prepare_data.py does, each split is shuffled with seed 42 and its first --pool-size or --eval-size records
-    kept; a local file is shuffled the same way, its last rows the eval set."""
-    task, rng = TASKS[name], sciq_rng() if name == "sciq_remap" else None
-    pool_split, eval_split = task["splits"]
-    if path:
-        recs = shuffled(examples(task, list(enumerate(read_file(path), 1)), labels, path))
-        n_eval = len(recs) if pool_split is None else min(cfg.eval_size, len(recs) // 2)
-        if pool_split and n_eval < cfg.eval_size:
-            warn(f"{path} has {len(recs)} usable rows: its last {n_eval} (at most half) are the eval set, not "
-                 f"--eval-size {cfg.eval_size}")
-        return recs[:len(recs) - n_eval][:cfg.pool_size], recs[len(recs) - n_eval:]
-    if eval_split:  # the pool's records first, then the eval set's (sciq_remap: one generator)
-        pool = hub_records(task, name, pool_split, labels, rng, cfg.pool_size) if pool_split else []
-        return pool, hub_records(task, name, eval_split, labels, rng, cfg.eval_size)
-    recs = hub_records(task, name, pool_split, labels)  # finsen, strategytf: the eval set is the last records
-    pool, ev = recs[:len(recs) - cfg.eval_size], recs[len(recs) - cfg.eval_size:]
-    if name == "strategytf":  # and both parts are shuffled again (prepare_data.py:1633-1634)
-        pool, ev = shuffled(pool), shuffled(ev)
-    return pool[:cfg.pool_size], ev
-
-
-def shuffled(recs: list) -> list:
-    return [recs[i] for i in np.random.default_rng(42).permutation(len(recs))]  # = datasets' .shuffle(seed=42)
-
-
-def hub_records(task: dict, name: str, split: str, labels, rng=None, limit=None) -> list:
-    import datasets
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    repo, config = task["hub"]
-    where = dict(revision="refs/convert/parquet", data_dir=PARQUET[repo]) if repo in PARQUET else dict(name=config)
-    try:
-        recs = list(enumerate(datasets.load_dataset(repo, split=split, **where).to_list(), 1))
-    except Exception as e:
-        raise IA2Error(f"cannot load {repo} for task {name} from the Hub: {str(e).strip().splitlines()[0]}; pass "
-                       f"a local copy instead: --data {name}=FILE")
-    if name == "poems":  # filtered first, then shuffled (prepare_data.py:914-915)
-        return shuffled(examples(task, recs, labels, split, task["row"]))[:limit]
-    return examples(task, shuffled(recs), labels, split, task["row"], rng, limit)
-
-
-def read_file(path: str) -> list:
-    """The records (dicts) of a .csv, .tsv, .jsonl, .json or .parquet file."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
-        raise IA2Error(f"--data {path}: use a .csv, .tsv, .jsonl, .json or .parquet file")
-    if not os.path.isfile(path):
-        raise IA2Error(f"--data {path}: no such file")
-    try:
-        if ext == ".parquet":
-            import pyarrow.parquet  # installed with datasets
-            return pyarrow.parquet.read_table(path).to_pylist()
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            if ext in (".csv", ".tsv"):
-                return list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
-            text = f.read()
-        return json.loads(text) if text.lstrip().startswith("[") else [json.loads(s) for s in text.splitlines() if s.strip()]
-    except (OSError, ValueError, csv.Error) as e:  # ValueError: JSON, Unicode and Arrow errors
-        raise IA2Error(f"cannot read {path}: {str(e).splitlines()[0]}")
-
-
-def examples(task: dict, recs: list, labels, where: str, row=None, rng=None, limit=None) -> list:
-    """(row number, record) -> (X, y), until `limit` are kept. A Hub record goes through the task's `row`; a
-    local one holds the template's fields and label (or answer), under their names or ALIASES. An empty cell
-    or an unknown label stops the run, naming the row."""
-    need = [f for _, f, _, _ in string.Formatter().parse(task["template"]) if f] + ["label" if labels else "answer"]
-    find = lambda rec, f: next((c for c in (f,) + ALIASES.get(f, ()) if c in rec), f)
-    if not recs or not all(isinstance(r, dict) for _, r in recs):
-        raise IA2Error(f"{where}: no records (a header and one row per example, or one JSON object per line)")
-    if row is None and not all(find(recs[0][1], f) in recs[0][1] for f in need):
-        raise IA2Error(f"{where} needs columns {', '.join(map(repr, need))}, found {', '.join(map(repr, recs[0][1]))}")
-    out = []
-    for i, rec in recs:
-        if len(out) == limit:
-            break
-        rec = row(rec, rng) if row else {f: rec.get(find(rec, f)) for f in need}  # rng: sciq_remap's options
-        if rec is None:
-            continue  # a record the task drops (FinS neutral, PoemS mixed)
-        for f in need[:-1] + ([] if labels else ["answer"]):
-            if not isinstance(rec[f], str) or not rec[f].strip():
-                raise IA2Error(f"{where}, row {i}: {f!r} must be text, got {rec[f]!r}")
-        y = label_index(rec["label"], labels, f"{where}, row {i}") if labels else rec["answer"]
-        out.append((task["template"].format(**rec), y))
-    if labels and len({y for _, y in out}) == 1:
-        warn(f"{where}: every example has label {labels[out[0][1]]!r}; accuracy cannot tell a method from always "
-             "answering it")
-    return out
-
-
-def label_index(v, labels: list, where: str) -> int:
-    """A label cell: one of the label strings (surrounding spaces ignored) or its index 0..n-1."""
-    names = [label.strip() for label in labels]
-    s = str(int(v)) if isinstance(v, (bool, float)) and float(v).is_integer() else str(v).strip()  # True, 1.0 -> "1"
-    if s in names:
-        return names.index(s)
-    if s.isdigit() and int(s) < len(labels):
-        return int(s)
-    raise IA2Error(f"{where}: label {v!r} is neither a label string ({' '.join(map(repr, labels))}) nor an index "
-                   f"0..{len(labels) - 1}" + (" (the cell is empty)" if s in ("", "None", "nan") else ""))
-
-
-def few_shot_split(pool: list, n: int, seed: int):
-    """Run r, with one RandomState(r) as in the official create_training_datasets.py: permute the pool; train =
-    the first N, dev = the next min(48, N//2), rest = the ICL-evaluation demos. The same generator then
-    shuffles, for each training query i, the other N-1 training indices: its demos, in that order."""
-    rng = np.random.RandomState(seed)
-    perm, n_dev, orders = rng.permutation(len(pool)), min(48, n // 2), []
-    for i in range(n):
-        orders.append([j for j in range(n) if j != i])
-        rng.shuffle(orders[-1])
-    pick = lambda idx: [pool[i] for i in idx]
-    return pick(perm[:n]), pick(perm[n:n + n_dev]), pick(perm[n + n_dev:]), orders
-
-
-def encode(tok, prompt: str) -> list:
-    return tok(prompt).input_ids  # with the tokenizer's BOS, if it adds one (Llama, Gemma do; Qwen does not)
-
-
-def training_items(tok, labels, train: list, dev: list, orders: list):
-    """Query i's demos are the other training examples in the order orders[i]; dev example j reuses query j's
-    (official code). y_ids: the ground truth tokenised apart from the prompt, + EOS for an answer text."""
-    shots = [x + answer_text(labels, y) for x, y in train]
-
-    def item(j, x, y):
-        y_ids = tok(answer_text(labels, y), add_special_tokens=False).input_ids + [tok.eos_token_id] * (not labels)
-        return dict(x=encode(tok, x), y=y, y_ids=y_ids, icl=encode(tok, make_prompt(x, [shots[k] for k in orders[j]])))
-    return [item(j, x, y) for j, (x, y) in enumerate(train)], [item(j, x, y) for j, (x, y) in enumerate(dev)]
-
-
-def icl_eval_prompts(tok, labels, demos_pool: list, eval_set: list, k: int, seed: int) -> list:
-    """ICL evaluation: k = N-1 demos per query drawn from the held-out rest of the pool with RandomState(r). For
-    an OOD task the pool and `labels` are the source task's, the queries the OOD task's (§5)."""
-    rng, prompts = np.random.RandomState(seed), []
-    for x, _ in eval_set:
-        demos = [demos_pool[i][0] + answer_text(labels, demos_pool[i][1]) for i in rng.choice(len(demos_pool), k,
-                                                                                            replace=False)]
-        prompts.append(encode(tok, make_prompt(x, demos)))
-    return prompts
-
-
-# -----------------------------------------------------------------------------
-# 2. The adapters, by hand, K of a kind side by side (§5; Tables 6, 16-20), W0 frozen, adapters fp32:
+# 1. The adapters, by hand, K of a kind side by side (§5; Tables 6, 16-20), W0 frozen, adapters fp32:
 #    LoRA, h = W0 x + (α/r)·B A x (r=8, α=8 on q, k, o); (IA)³, h = W0 (l ⊙ x)
 
 
@@ -501,30 +251,6 @@ def load_adapter_state(model, state: dict, k: int = 0):
                 getattr(m, p)[k].copy_(t)
 
 
-@contextlib.contextmanager
-def set_adapters(model, **values):
-    """Inside the block, these attributes of every adapter module have these values."""
-    mods = list(adapter_modules(model).values())
-    old = [{k: getattr(m, k) for k in values} for m in mods]
-    for m in mods:
-        m.__dict__.update(values)
-    try:
-        yield model
-    finally:
-        for m, o in zip(mods, old):
-            m.__dict__.update(o)
-
-
-def adapters(model, rows):
-    """Inside the block, batch row i goes through adapter rows[i] (None: adapter 0 for every row)."""
-    return set_adapters(model, rows=None if rows is None else torch.as_tensor(rows, device=model.device))
-
-
-def without_adapters(model):
-    """Inside the block the model is the base model: the teacher, zero-shot, ICL."""
-    return set_adapters(model, enabled=False)
-
-
 def save_adapter(model, folder: str, cfg: Config, k: int = 0):
     """Adapter k in PEFT's layout: peft.PeftModel.from_pretrained(base_model, folder) loads it (tested)."""
     from safetensors.torch import save_file
@@ -558,6 +284,80 @@ def read_adapter(folder: str) -> dict:
 
 def load_adapter(model, folder: str, k: int = 0):
     load_adapter_state(model, read_adapter(folder), k)
+
+
+# -----------------------------------------------------------------------------
+# 2. Many adapters in one batch: every row of a batch through its own adapter, batches within the memory
+
+
+@contextlib.contextmanager
+def set_adapters(model, **values):
+    """Inside the block, these attributes of every adapter module have these values."""
+    mods = list(adapter_modules(model).values())
+    old = [{k: getattr(m, k) for k in values} for m in mods]
+    for m in mods:
+        m.__dict__.update(values)
+    try:
+        yield model
+    finally:
+        for m, o in zip(mods, old):
+            m.__dict__.update(o)
+
+
+def adapters(model, rows):
+    """Inside the block, batch row i goes through adapter rows[i] (None: adapter 0 for every row)."""
+    return set_adapters(model, rows=None if rows is None else torch.as_tensor(rows, device=model.device))
+
+
+def without_adapters(model):
+    """Inside the block the model is the base model: the teacher, zero-shot, ICL."""
+    return set_adapters(model, enabled=False)
+
+
+# Bytes that autograd keeps per token and layer, per unit of the widths D (hidden), Dq (heads x head_dim), Dkv
+# (kv heads x head_dim) and D_mlp, for a base model of 2-byte (bf16, fp16) or 4-byte floats with K LoRA adapters:
+# fitted to saved-tensor measurements of Qwen3 (exact there; Llama, Qwen2, Gemma 3 within ±30 %: tested).
+SAVED = {2: (16.3, 12.6, 8.3, 6.0), 4: (12.3, 12.6, 12.3, 12.0)}
+
+
+def bytes_per_token(model, grad: bool) -> float:
+    """The memory one token of a forward pass takes: with gradients, what every layer saves for the backward
+    (SAVED); without, a rollout's KV cache and one layer's activations."""
+    c, b = model.config, model.dtype.itemsize
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    widths = (c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size)
+    if grad:
+        return c.num_hidden_layers * sum(k * w for k, w in zip(SAVED[min(b, 4)], widths))
+    return 2 * b * c.num_hidden_layers * widths[2] + 4 * b * (widths[0] + widths[3])
+
+
+def token_budget(model, grad: bool) -> int:
+    """Tokens (rows x padded length) per forward pass. On a GPU, as many as half of its free and reusable (cached)
+    memory holds, less the fp32 copy of the LM head that lm_logits makes. On a CPU or a Mac 2048: on a CPU larger
+    batches are not faster."""
+    if model.device.type != "cuda":
+        return 2048
+    dev = model.device
+    free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return max(512, int((free - 4 * model.lm_head.weight.numel()) / 2 / bytes_per_token(model, grad)))
+
+
+def read_tokens(model, grad: bool, per_read: int) -> float:
+    """What a position whose logits are computed costs, in tokens of the budget: per_read·V bytes (with gradients
+    12: fp32 logits, their log-softmax and its gradient; kd 24, with the teacher's log-probabilities; without 8).
+    0 on a CPU, whose budget counts tokens alone."""
+    return per_read * model.config.vocab_size / bytes_per_token(model, grad) if model.device.type == "cuda" else 0.0
+
+
+def spans(lengths: list, budget: int) -> list:
+    """Consecutive slices of rows, each as many rows as fit `budget` tokens when padded to its longest."""
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest = max(longest, n)
+        if i > start and (i + 1 - start) * longest > budget:
+            out.append(slice(start, i))
+            start, longest = i, n
+    return out + [slice(start, len(lengths))] if lengths else []
 
 
 # -----------------------------------------------------------------------------
@@ -605,52 +405,6 @@ def forward(model, prompts: list, targets=None, capture=False, logits=True, slot
         h = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     return (lm_logits(model, h[rows, at]) if logits else None,
             torch.stack([a[rows, at] for a in acts], 1) if capture else None)
-
-
-# Bytes that autograd keeps per token and layer, per unit of the widths D (hidden), Dq (heads x head_dim), Dkv
-# (kv heads x head_dim) and D_mlp, for a base model of 2-byte (bf16, fp16) or 4-byte floats with K LoRA adapters:
-# fitted to saved-tensor measurements of Qwen3 (exact there; Llama, Qwen2, Gemma 3 within ±30 %: tested).
-SAVED = {2: (16.3, 12.6, 8.3, 6.0), 4: (12.3, 12.6, 12.3, 12.0)}
-
-
-def bytes_per_token(model, grad: bool) -> float:
-    """The memory one token of a forward pass takes: with gradients, what every layer saves for the backward
-    (SAVED); without, a rollout's KV cache and one layer's activations."""
-    c, b = model.config, model.dtype.itemsize
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    widths = (c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size)
-    if grad:
-        return c.num_hidden_layers * sum(k * w for k, w in zip(SAVED[min(b, 4)], widths))
-    return 2 * b * c.num_hidden_layers * widths[2] + 4 * b * (widths[0] + widths[3])
-
-
-def token_budget(model, grad: bool) -> int:
-    """Tokens (rows x padded length) per forward pass. On a GPU, as many as half of its free and reusable (cached)
-    memory holds, less the fp32 copy of the LM head that lm_logits makes. On a CPU or a Mac 2048: on a CPU larger
-    batches are not faster."""
-    if model.device.type != "cuda":
-        return 2048
-    dev = model.device
-    free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-    return max(512, int((free - 4 * model.lm_head.weight.numel()) / 2 / bytes_per_token(model, grad)))
-
-
-def read_tokens(model, grad: bool, per_read: int) -> float:
-    """What a position whose logits are computed costs, in tokens of the budget: per_read·V bytes (with gradients
-    12: fp32 logits, their log-softmax and its gradient; kd 24, with the teacher's log-probabilities; without 8).
-    0 on a CPU, whose budget counts tokens alone."""
-    return per_read * model.config.vocab_size / bytes_per_token(model, grad) if model.device.type == "cuda" else 0.0
-
-
-def spans(lengths: list, budget: int) -> list:
-    """Consecutive slices of rows, each as many rows as fit `budget` tokens when padded to its longest."""
-    out, start, longest = [], 0, 0
-    for i, n in enumerate(lengths):
-        longest = max(longest, n)
-        if i > start and (i + 1 - start) * longest > budget:
-            out.append(slice(start, i))
-            start, longest = i, n
-    return out + [slice(start, len(lengths))] if lengths else []
 
 
 # -----------------------------------------------------------------------------
@@ -827,7 +581,7 @@ def objective_loss(model, objective: str, batch: list, beta=0.5, slots=None) -> 
 
 
 # -----------------------------------------------------------------------------
-# 6. Training: Adam, constant lr, early stopping on the dev loss (§5, App. B), many adapters at once
+# 6. Training: Adam, constant lr, early stopping on the dev loss (§5, App. B), every job of a method at once
 
 
 @dataclass
@@ -1125,7 +879,265 @@ def generate_texts(model, tok, seqs: list, max_new: int, slots=None) -> list:
 
 
 # -----------------------------------------------------------------------------
-# 8. The experiment: every method x lr (x β) x run, then the paper's selection (§5)
+# 8. The tasks, the prompts and the few-shot protocol (§5 "Data Setup", App. A)
+
+
+# The official prepare_data.py's templates (no space after the colons) and label strings. `row` turns a Hub
+# record into the template's fields and a label (index into `labels`) or an answer text; None drops it.
+# splits: (pool, eval); no pool: evaluation only (OOD); no eval split: the last --eval-size records.
+SLOTS = ["apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday"]  # App. A, seed 42
+
+
+TEXT, QA = "Text:{text}\nLabel:", "Question:{question}\nAnswer:"
+CHOICES = lambda n: "Question:{question}\nChoices:\n" + "".join(f"[{SLOTS[i]}]{{o{i}}}\n" for i in range(n)) + "\nAnswer:"
+BBC = {"tech": 3, "business": 2, "sport": 1}  # AG News' label of each BBC topic; entertainment, politics: 0
+
+
+def sciq_row(ex, rng):
+    """Options [d1, d2, d3, correct] shuffled by the loader's one generator (official prepare_data.py:1294-1303):
+    slot i shows options[order[i]]; the label is the correct one's slot."""
+    options, order = [ex["distractor1"], ex["distractor2"], ex["distractor3"], ex["correct_answer"]], [0, 1, 2, 3]
+    rng.shuffle(order)
+    return dict(question=ex["question"], **{f"o{i}": options[j] for i, j in enumerate(order)}, label=order.index(3))
+
+
+def sciq_rng():
+    """The official loader's numpy state at its first option shuffle: seeded 42, then four distinct slot words
+    drawn from a list of 9 (prepare_data.py:1352-1362); it goes on through the pool, then the eval set."""
+    rng, drawn = np.random.RandomState(42), set()
+    while len(drawn) < 4:
+        drawn.add(rng.randint(9))  # = np.random.choice(9 words)
+    return rng
+
+
+TASKS = {
+    "sst2": dict(paper="SST2", hub=("stanfordnlp/sst2", None), splits=("train", "validation"), template=TEXT,
+                 labels=["0", "1"], row=lambda ex, rng: dict(text=ex["sentence"], label=ex["label"])),
+    "finsen": dict(paper="FinS", hub=("takala/financial_phrasebank", "sentences_50agree"), splits=("train", None),
+                   template=TEXT, labels=["0", "1"],  # {0 negative, 2 positive} -> {0, 1}; neutral dropped
+                   row=lambda ex, rng: None if ex["label"] == 1 else dict(text=ex["sentence"], label=ex["label"] // 2)),
+    "poems": dict(paper="PoemS", hub=("google-research-datasets/poem_sentiment", None), splits=(None, "train"),
+                  template=TEXT, labels=["0", "1"],  # negative, positive; no_impact and mixed dropped: 288 left
+                  row=lambda ex, rng: dict(text=ex["verse_text"], label=ex["label"]) if ex["label"] < 2 else None),
+    "strategytf": dict(paper="STF", hub=("wics/strategy-qa", None), splits=("test", None), template=QA,
+                       labels=["0", "1"], row=lambda ex, rng: dict(question=ex["question"], label=int(ex["answer"]))),
+    "agnews": dict(paper="AGN", hub=("fancyzhx/ag_news", None), splits=("train", "test"), template=TEXT,
+                   labels=["0", "1", "2", "3"],  # World, Sports, Business, Sci/Tech
+                   row=lambda ex, rng: dict(text=ex["text"], label=ex["label"])),
+    "bbcnews": dict(paper="BBCN", hub=("SetFit/bbc-news", None), splits=(None, "test"), template=TEXT,
+                    labels=["0", "1", "2", "3"], row=lambda ex, rng: dict(  # 256 characters, cut at a word boundary
+                        text=ex["text"] if len(ex["text"]) <= 256 else ex["text"][:256].rsplit(" ", 1)[0],
+                        label=BBC.get(ex["label_text"], 0))),
+    "sciq_remap": dict(paper="SciQr", hub=("allenai/sciq", None), splits=("train", "validation"),
+                       template=CHOICES(4), labels=SLOTS[:4], row=sciq_row),
+    "qasc_remap": dict(paper="QASCr", hub=("allenai/qasc", None), splits=(None, "validation"), template=CHOICES(8),
+                       labels=SLOTS, row=lambda ex, rng: dict(
+                           question=ex["question"], **{f"o{i}": t for i, t in enumerate(ex["choices"]["text"])},
+                           label=ex["choices"]["label"].index(ex["answerKey"]))),
+    "gsm8k": dict(paper="GSM8K", hub=("openai/gsm8k", "main"), splits=("train", "test"), template=QA, labels=None,
+                  gen=200, row=lambda ex, rng: dict(question=ex["question"], answer=ex["answer"])),
+    "gsm8ks": dict(paper="GSM8Ks", hub=("apple/GSM-Symbolic", "main"), splits=(None, "test"), template=QA,
+                   labels=None, gen=200, row=lambda ex, rng: dict(question=ex["question"], answer=ex["answer"])),
+    "hmath_algebra": dict(paper="HMathA", hub=("EleutherAI/hendrycks_math", "algebra"), splits=("train", "test"),
+                          template=QA, labels=None, gen=400,
+                          row=lambda ex, rng: dict(question=ex["problem"], answer=ex["solution"])),
+    "sciqa": dict(paper="SciQ", hub=("allenai/sciq", None), splits=("train", "validation"), template=QA, labels=None,
+                  gen=200, row=lambda ex, rng: dict(question=ex["question"],
+                                                    answer=f"{ex['support']}\n#### {ex['correct_answer']}")),
+}
+
+
+# Two of these datasets are still loading scripts, which datasets >= 4.0 no longer runs: they are read from the
+# Hub's own parquet conversion of the same records (branch refs/convert/parquet, one folder per config; README).
+PARQUET = {"takala/financial_phrasebank": "sentences_50agree", "wics/strategy-qa": "strategyQA"}
+
+
+ALIASES = {"text": ("sentence", "verse_text", "review"), "label": ("sentiment",), "question": ("problem",),
+           "answer": ("solution",)}  # other names a local file may give the template's columns
+
+
+def task_table() -> str:
+    """--list-tasks."""
+    return "\n".join(["| task | paper | Hub id (config) | pool -> eval split | template | labels |", "|---" * 6 + "|"] + [
+        f"| {n} | {t['paper']} | {' '.join(filter(None, t['hub']))} | {t['splits'][0] or 'none (eval only)'} -> "
+        f"{t['splits'][1] or 'its last records'} | {t['template']!r} | {' '.join(t['labels'] or ['answer + EOS'])} |"
+        for n, t in TASKS.items()])
+
+
+def make_prompt(x: str, demos=()) -> str:
+    """Demos are 'question+answer', joined by a blank line; one more precedes the query X."""
+    return "".join(d + "\n\n" for d in demos) + x
+
+
+def answer_text(labels, y) -> str:
+    return labels[y] if labels else y  # single-token: the label string; multi-token: the answer itself
+
+
+def load_task(cfg: Config, name: str, labels, path=None):
+    """(pool, eval set), lists of (X, y): the filled template and a label index or an answer. As the official
+    prepare_data.py does, each split is shuffled with seed 42 and its first --pool-size or --eval-size records
+    kept; a local file is shuffled the same way, its last rows the eval set."""
+    task, rng = TASKS[name], sciq_rng() if name == "sciq_remap" else None
+    pool_split, eval_split = task["splits"]
+    if path:
+        recs = shuffled(examples(task, list(enumerate(read_file(path), 1)), labels, path))
+        n_eval = len(recs) if pool_split is None else min(cfg.eval_size, len(recs) // 2)
+        if pool_split and n_eval < cfg.eval_size:
+            warn(f"{path} has {len(recs)} usable rows: its last {n_eval} (at most half) are the eval set, not "
+                 f"--eval-size {cfg.eval_size}")
+        return recs[:len(recs) - n_eval][:cfg.pool_size], recs[len(recs) - n_eval:]
+    if eval_split:  # the pool's records first, then the eval set's (sciq_remap: one generator)
+        pool = hub_records(task, name, pool_split, labels, rng, cfg.pool_size) if pool_split else []
+        return pool, hub_records(task, name, eval_split, labels, rng, cfg.eval_size)
+    recs = hub_records(task, name, pool_split, labels)  # finsen, strategytf: the eval set is the last records
+    pool, ev = recs[:len(recs) - cfg.eval_size], recs[len(recs) - cfg.eval_size:]
+    if name == "strategytf":  # and both parts are shuffled again (prepare_data.py:1633-1634)
+        pool, ev = shuffled(pool), shuffled(ev)
+    return pool[:cfg.pool_size], ev
+
+
+def shuffled(recs: list) -> list:
+    return [recs[i] for i in np.random.default_rng(42).permutation(len(recs))]  # = datasets' .shuffle(seed=42)
+
+
+def hub_records(task: dict, name: str, split: str, labels, rng=None, limit=None) -> list:
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    repo, config = task["hub"]
+    where = dict(revision="refs/convert/parquet", data_dir=PARQUET[repo]) if repo in PARQUET else dict(name=config)
+    try:
+        recs = list(enumerate(datasets.load_dataset(repo, split=split, **where).to_list(), 1))
+    except Exception as e:
+        raise IA2Error(f"cannot load {repo} for task {name} from the Hub: {str(e).strip().splitlines()[0]}; pass "
+                       f"a local copy instead: --data {name}=FILE")
+    if name == "poems":  # filtered first, then shuffled (prepare_data.py:914-915)
+        return shuffled(examples(task, recs, labels, split, task["row"]))[:limit]
+    return examples(task, shuffled(recs), labels, split, task["row"], rng, limit)
+
+
+def read_file(path: str) -> list:
+    """The records (dicts) of a .csv, .tsv, .jsonl, .json or .parquet file."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
+        raise IA2Error(f"--data {path}: use a .csv, .tsv, .jsonl, .json or .parquet file")
+    if not os.path.isfile(path):
+        raise IA2Error(f"--data {path}: no such file")
+    try:
+        if ext == ".parquet":
+            import pyarrow.parquet  # installed with datasets
+            return pyarrow.parquet.read_table(path).to_pylist()
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            if ext in (".csv", ".tsv"):
+                return list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
+            text = f.read()
+        return json.loads(text) if text.lstrip().startswith("[") else [json.loads(s) for s in text.splitlines() if s.strip()]
+    except (OSError, ValueError, csv.Error) as e:  # ValueError: JSON, Unicode and Arrow errors
+        raise IA2Error(f"cannot read {path}: {str(e).splitlines()[0]}")
+
+
+def examples(task: dict, recs: list, labels, where: str, row=None, rng=None, limit=None) -> list:
+    """(row number, record) -> (X, y), until `limit` are kept. A Hub record goes through the task's `row`; a
+    local one holds the template's fields and label (or answer), under their names or ALIASES. An empty cell
+    or an unknown label stops the run, naming the row."""
+    need = [f for _, f, _, _ in string.Formatter().parse(task["template"]) if f] + ["label" if labels else "answer"]
+    find = lambda rec, f: next((c for c in (f,) + ALIASES.get(f, ()) if c in rec), f)
+    if not recs or not all(isinstance(r, dict) for _, r in recs):
+        raise IA2Error(f"{where}: no records (a header and one row per example, or one JSON object per line)")
+    if row is None and not all(find(recs[0][1], f) in recs[0][1] for f in need):
+        raise IA2Error(f"{where} needs columns {', '.join(map(repr, need))}, found {', '.join(map(repr, recs[0][1]))}")
+    out = []
+    for i, rec in recs:
+        if len(out) == limit:
+            break
+        rec = row(rec, rng) if row else {f: rec.get(find(rec, f)) for f in need}  # rng: sciq_remap's options
+        if rec is None:
+            continue  # a record the task drops (FinS neutral, PoemS mixed)
+        for f in need[:-1] + ([] if labels else ["answer"]):
+            if not isinstance(rec[f], str) or not rec[f].strip():
+                raise IA2Error(f"{where}, row {i}: {f!r} must be text, got {rec[f]!r}")
+        y = label_index(rec["label"], labels, f"{where}, row {i}") if labels else rec["answer"]
+        out.append((task["template"].format(**rec), y))
+    if labels and len({y for _, y in out}) == 1:
+        warn(f"{where}: every example has label {labels[out[0][1]]!r}; accuracy cannot tell a method from always "
+             "answering it")
+    return out
+
+
+def label_index(v, labels: list, where: str) -> int:
+    """A label cell: one of the label strings (surrounding spaces ignored) or its index 0..n-1."""
+    names = [label.strip() for label in labels]
+    s = str(int(v)) if isinstance(v, (bool, float)) and float(v).is_integer() else str(v).strip()  # True, 1.0 -> "1"
+    if s in names:
+        return names.index(s)
+    if s.isdigit() and int(s) < len(labels):
+        return int(s)
+    raise IA2Error(f"{where}: label {v!r} is neither a label string ({' '.join(map(repr, labels))}) nor an index "
+                   f"0..{len(labels) - 1}" + (" (the cell is empty)" if s in ("", "None", "nan") else ""))
+
+
+def few_shot_split(pool: list, n: int, seed: int):
+    """Run r, with one RandomState(r) as in the official create_training_datasets.py: permute the pool; train =
+    the first N, dev = the next min(48, N//2), rest = the ICL-evaluation demos. The same generator then
+    shuffles, for each training query i, the other N-1 training indices: its demos, in that order."""
+    rng = np.random.RandomState(seed)
+    perm, n_dev, orders = rng.permutation(len(pool)), min(48, n // 2), []
+    for i in range(n):
+        orders.append([j for j in range(n) if j != i])
+        rng.shuffle(orders[-1])
+    pick = lambda idx: [pool[i] for i in idx]
+    return pick(perm[:n]), pick(perm[n:n + n_dev]), pick(perm[n + n_dev:]), orders
+
+
+def encode(tok, prompt: str) -> list:
+    return tok(prompt).input_ids  # with the tokenizer's BOS, if it adds one (Llama, Gemma do; Qwen does not)
+
+
+def training_items(tok, labels, train: list, dev: list, orders: list):
+    """Query i's demos are the other training examples in the order orders[i]; dev example j reuses query j's
+    (official code). y_ids: the ground truth tokenised apart from the prompt, + EOS for an answer text."""
+    shots = [x + answer_text(labels, y) for x, y in train]
+
+    def item(j, x, y):
+        y_ids = tok(answer_text(labels, y), add_special_tokens=False).input_ids + [tok.eos_token_id] * (not labels)
+        return dict(x=encode(tok, x), y=y, y_ids=y_ids, icl=encode(tok, make_prompt(x, [shots[k] for k in orders[j]])))
+    return [item(j, x, y) for j, (x, y) in enumerate(train)], [item(j, x, y) for j, (x, y) in enumerate(dev)]
+
+
+def icl_eval_prompts(tok, labels, demos_pool: list, eval_set: list, k: int, seed: int) -> list:
+    """ICL evaluation: k = N-1 demos per query drawn from the held-out rest of the pool with RandomState(r). For
+    an OOD task the pool and `labels` are the source task's, the queries the OOD task's (§5)."""
+    rng, prompts = np.random.RandomState(seed), []
+    for x, _ in eval_set:
+        demos = [demos_pool[i][0] + answer_text(labels, demos_pool[i][1]) for i in rng.choice(len(demos_pool), k,
+                                                                                            replace=False)]
+        prompts.append(encode(tok, make_prompt(x, demos)))
+    return prompts
+
+
+# -----------------------------------------------------------------------------
+# 9. The experiment: every method x lr (x β) x run, then the paper's selection (§5)
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str, dtype: str = "auto"):
+    """The device and the base model's dtype. auto: bf16 on a GPU with native bf16 (compute capability >= 8: A100,
+    H100, RTX 30xx on); fp32 on older GPUs (T4, V100: bf16 is emulated there, slowly, and fp16's range overflows in
+    some models' activations), on a Mac and on a CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise IA2Error(f"--device {name}: torch sees no {name.upper()} device")
+    if dtype == "auto":
+        native_bf16 = name == "cuda" and torch.cuda.get_device_capability()[0] >= 8
+        dtype = "bfloat16" if native_bf16 else "float32"
+    return torch.device(name), getattr(torch, dtype)
+
 
 Task = collections.namedtuple("Task", "name spec labels label_ids pool eval_set queries gold")  # a task as a run uses it
 Setup = collections.namedtuple("Setup", "cfg tok model task evals")  # what the run shares; task: --task's
