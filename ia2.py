@@ -287,7 +287,11 @@ def load_adapter(model, folder: str, k: int = 0):
 
 
 # -----------------------------------------------------------------------------
-# 2. Many adapters in one batch: every row of a batch through its own adapter, batches within the memory
+# 2. Many adapters in one batch. A method's grid (3 lrs x 5 runs = 15 jobs; 60 with the β grid) trains as one
+#    model with K adapters side by side: slot k of every adapter tensor is job k's. One batch holds the rows of
+#    every job, each row routed through its job's slot (`adapters`), so that one forward and backward serves all
+#    the jobs, each gradient landing in its own slot. `batches` sorts the rows by length and cuts them into
+#    pieces that fit the memory. Nothing else knows about slots: the rest reads as the paper's one-adapter code.
 
 
 @contextlib.contextmanager
@@ -360,6 +364,19 @@ def spans(lengths: list, budget: int) -> list:
     return out + [slice(start, len(lengths))] if lengths else []
 
 
+def batches(model, rows: list, length, grad: bool, sort=True):
+    """rows: (slot, item) pairs, slot the adapter the item goes through (None: the model as it is). Sorted by
+    length(item), so that little padding is computed (sort=False keeps their order), and cut into pieces of at most
+    token_budget tokens when padded; yields (indices into rows, items) per piece, while the model routes the
+    piece's row i through its slot."""
+    order = sorted(range(len(rows)), key=lambda i: length(rows[i][1])) if sort else list(range(len(rows)))
+    for part in spans([length(rows[i][1]) for i in order], token_budget(model, grad)):
+        idx = order[part]
+        slots = [rows[i][0] for i in idx]
+        with adapters(model, None if slots[0] is None else slots):
+            yield idx, [rows[i][1] for i in idx]
+
+
 # -----------------------------------------------------------------------------
 # 3. Activation capture: the self-attention output of every decoder layer (§2)
 
@@ -388,8 +405,8 @@ def lm_logits(model, h: torch.Tensor) -> torch.Tensor:
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
-def forward(model, prompts: list, targets=None, capture=False, logits=True, slots=None):
-    """Teacher-forced forward of X∘target, row i through adapter slots[i], right-padded (under causal attention
+def forward(model, prompts: list, targets=None, capture=False, logits=True):
+    """Teacher-forced forward of X∘target, right-padded (under causal attention
     the pads come after every real token: they change nothing, every position keeps its index). Position d+t,
     d = len(X)-1 the last prompt token, predicts target[t], t < T (the longest target; none: T=1). The last
     target token is never read, so not fed. Returns fp32 logits (B, T, V) and, with capture, the
@@ -401,7 +418,7 @@ def forward(model, prompts: list, targets=None, capture=False, logits=True, slot
     mask = torch.tensor([[1] * len(s) + [0] * (R - len(s)) for s in seqs], device=dev)
     at = (torch.tensor([len(x) - 1 for x in prompts])[:, None] + torch.arange(T)).clamp(max=R - 1).to(dev)  # d+t
     rows = torch.arange(len(seqs), device=dev)[:, None]
-    with adapters(model, slots), capture_activations(model) if capture else contextlib.nullcontext() as acts:
+    with capture_activations(model) if capture else contextlib.nullcontext() as acts:
         h = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     return (lm_logits(model, h[rows, at]) if logits else None,
             torch.stack([a[rows, at] for a in acts], 1) if capture else None)
@@ -428,8 +445,8 @@ def pads_zeroed(model, pad: torch.Tensor):
 
 
 @torch.no_grad()
-def generate(model, prompts: list, max_new: int, eos: set, stop=None, capture=False, scores=False, slots=None):
-    """Greedy decoding with a KV cache, row i through adapter slots[i]: the teacher rollout (§3), the evaluation
+def generate(model, prompts: list, max_new: int, eos: set, stop=None, capture=False, scores=False):
+    """Greedy decoding with a KV cache: the teacher rollout (§3), the evaluation
     (§5). Left padding puts every prompt's last token in the last column; position_ids = cumsum(mask)-1 give each
     row the positions it has alone (tested). A row ends after an id in `eos` (kept, with its activations, as in the
     official rollout) or once stop(previous token or None, token) is true (tensors (B,): no host sync). Per row:
@@ -441,7 +458,7 @@ def generate(model, prompts: list, max_new: int, eos: set, stop=None, capture=Fa
     pos, cache, eos = (mask[:, :R].cumsum(1) - 1).clamp(min=0), kv_cache(model), torch.tensor(sorted(eos), device=dev)
     tokens, acts_t, logp_t, finite = [], [], [], torch.ones((), dtype=torch.bool, device=dev)
     done, length = torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), max_new, device=dev)
-    with adapters(model, slots), capture_activations(model) if capture else contextlib.nullcontext() as acts:
+    with capture_activations(model) if capture else contextlib.nullcontext() as acts:
         with pads_zeroed(model, mask[:, :R] == 0):  # the prompts, at once; then one token per step
             h = model.model(input_ids=ids, attention_mask=mask[:, :R], position_ids=pos, use_cache=True, **cache)
         for t in range(max_new):
@@ -489,17 +506,19 @@ def teacher(model, items: list, T: int, eos_id: int, scores=False):
     eos, read = eos_ids(model, eos_id), read_tokens(model, False, 8)
     host = scores and model.device.type == "cuda" and (
         4 * len(items) * T * model.config.vocab_size > torch.cuda.mem_get_info(model.device)[0] / 4)
+    rows = [(None, it) for it in items]
     with without_adapters(model):
-        for part in spans([len(it["icl"]) + T + read for it in items], token_budget(model, grad=False)):
-            outs = generate(model, [it["icl"] for it in items[part]], T, {eos_id}, capture=True, scores=scores)
+        for _, part in batches(model, rows, lambda it: len(it["icl"]) + T + read, grad=False, sort=False):
+            outs = generate(model, [it["icl"] for it in part], T, {eos_id}, capture=True, scores=scores)
             if not all(torch.isfinite(o["acts"]).all() for o in outs):
-                raise IA2Error(f"the teacher's activations (A_ICL) are nan or inf ({model.dtype} on {model.device.type})"
-                               + "; try --dtype float32" * (model.dtype != torch.float32))
-            for it, o in zip(items[part], outs):
+                raise IA2Error(f"the teacher's activations (A_ICL) are nan or inf ({model.dtype} on "
+                               f"{model.device.type})" + "; try --dtype float32" * (model.dtype != torch.float32))
+            for it, o in zip(part, outs):
                 it.update(y_icl=o["tokens"], A_icl=o["acts"], y_out=icl_output(o["tokens"], T, eos, eos_id))
                 if scores:
                     n = generate_length(o["tokens"], eos)
-                    it.update(y_kd=o["tokens"][:n], logp_icl=o["logp"][:n].cpu().pin_memory() if host else o["logp"][:n])
+                    logp = o["logp"][:n]
+                    it.update(y_kd=o["tokens"][:n], logp_icl=logp.cpu().pin_memory() if host else logp)
     return items
 
 
@@ -560,13 +579,13 @@ def target_of(objective: str, item: dict) -> list:
     return item[dict(sft="y_ids", sft_icl="y_out", kd="y_kd").get(objective, "y_icl")]
 
 
-def objective_loss(model, objective: str, batch: list, beta=0.5, slots=None) -> torch.Tensor:
-    """Each example's loss (B,), example i through adapter slots[i]; the student reads X∘target and is read at
+def objective_loss(model, objective: str, batch: list, beta=0.5) -> torch.Tensor:
+    """Each example's loss (B,); the student reads X∘target and is read at
     d_q+t. sft, sft_icl: cross-entropy; ia2; ia2_plus_sft = (1-β)·L_IA2 + β·L_SFT(Ŷ) in one forward (the
     official code's convex form; β a number or one per example); kd."""
     targets = [target_of(objective, it) for it in batch]
     logits, acts = forward(model, [it["x"] for it in batch], targets, capture=objective in ("ia2", "ia2_plus_sft"),
-                           logits=objective != "ia2", slots=slots)
+                           logits=objective != "ia2")
     T, dev = max(map(len, targets)), model.device
     target = torch.tensor([y + [-100] * (T - len(y)) for y in targets], device=dev)
     if objective in ("sft", "sft_icl"):
@@ -698,37 +717,36 @@ def next_batch(job: Job, bs: int) -> list:
     return [job.train[i] for i in batch]
 
 
-def backward(model, objective: str, batches: list) -> list:
-    """One forward and backward over the batches (slot, job, examples) of several jobs; returns each job's loss,
-    the mean over its examples."""
-    weight, total = {k: 1 / len(b) for k, _, b in batches}, collections.defaultdict(float)
-    for ks, betas, items in pieces(model, objective, [(k, job.beta, it) for k, job, b in batches for it in b], True):
-        weighted = objective_loss(model, objective, items, betas, ks) * torch.tensor([weight[k] for k in ks],
-                                                                                    device=model.device)
+def backward(model, objective: str, work: list) -> list:
+    """One forward and backward over the examples of several jobs, (slot, job, examples); returns each job's
+    loss, the mean over its examples."""
+    beta, weight, total = {k: job.beta for k, job, _ in work}, {k: 1 / len(b) for k, _, b in work}, {}
+    rows = [(k, it) for k, _, b in work for it in b]
+    for idx, items in batches(model, rows, cost(model, objective, True), grad=True):
+        ks = [rows[i][0] for i in idx]
+        loss = objective_loss(model, objective, items, [beta[k] for k in ks])
+        weighted = loss * torch.tensor([weight[k] for k in ks], device=model.device)
         weighted.sum().backward()  # Σ over jobs of each job's mean loss: job k's gradient is its own
         for k, x in zip(ks, weighted.tolist()):
-            total[k] += x
-    return [total[k] for k, _, _ in batches]
+            total[k] = total.get(k, 0) + x
+    return [total[k] for k, _, _ in work]
 
 
 @torch.no_grad()
 def dev_losses(model, objective: str, jobs: list) -> list:
     """The mean dev loss of each (slot, job), all dev sets in shared batches."""
-    total = collections.defaultdict(float)
-    for ks, betas, items in pieces(model, objective, [(k, job.beta, it) for k, job in jobs for it in job.dev], False):
-        for k, x in zip(ks, objective_loss(model, objective, items, betas, ks).tolist()):
-            total[k] += x
+    beta, total, rows = {k: job.beta for k, job in jobs}, {}, [(k, it) for k, job in jobs for it in job.dev]
+    for idx, items in batches(model, rows, cost(model, objective, False), grad=False):
+        ks = [rows[i][0] for i in idx]
+        for k, x in zip(ks, objective_loss(model, objective, items, [beta[k] for k in ks]).tolist()):
+            total[k] = total.get(k, 0) + x
     return [total[k] / len(job.dev) for k, job in jobs]
 
 
-def pieces(model, objective: str, rows: list, grad: bool):
-    """(slot, β, example) rows sorted by length, so that little padding is computed, in pieces within the
-    device's token budget; yields (slots, βs, examples) per piece."""
+def cost(model, objective: str, grad: bool):
+    """An example's size in tokens of the budget: X∘target, plus its logit positions (read_tokens)."""
     read = read_tokens(model, grad, {"ia2": 0, "kd": 24}.get(objective, 12 if grad else 8))
-    length = lambda it: len(it["x"]) + len(target_of(objective, it)) * (1 + read)  # tokens + logit positions
-    rows = sorted(rows, key=lambda row: length(row[2]))
-    for part in spans([length(it) for *_, it in rows], token_budget(model, grad)):
-        yield tuple(zip(*rows[part]))
+    return lambda it: len(it["x"]) + len(target_of(objective, it)) * (1 + read)
 
 
 def update(job: Job, dev: float, loss: float, cfg: Config, tag) -> bool:
@@ -751,16 +769,14 @@ def update(job: Job, dev: float, loss: float, cfg: Config, tag) -> bool:
 
 @torch.no_grad()
 def predict(model, seqs: list, label_ids: list, slots=None):
-    """Per prompt (prompt i through adapter slots[i]): the top-10 token probabilities and ids, and each label
-    token's probability. Sorted by length, so that batches carry little padding; a batch is as many prompts as
-    fit the device's token budget, and moves to the host once."""
-    order, parts = sorted(range(len(seqs)), key=lambda i: len(seqs[i])), []
-    read = read_tokens(model, False, 8)
-    for part in tqdm(spans([len(seqs[i]) + read for i in order], token_budget(model, grad=False)), desc="eval",
-                     leave=False, disable=None):  # a progress bar on a terminal only
-        idx = order[part]
-        probs = forward(model, [seqs[i] for i in idx], slots=slots and [slots[i] for i in idx])[0][:, 0].softmax(-1)
+    """Per prompt, prompt i through adapter slots[i] (None: the model as it is): the top-10 token probabilities
+    and ids, and each label token's probability. Each batch moves to the host once."""
+    read, rows, order, parts = read_tokens(model, False, 8), list(zip(slots or [None] * len(seqs), seqs)), [], []
+    for idx, piece in tqdm(batches(model, rows, lambda s: len(s) + read, grad=False), desc="eval", leave=False,
+                           disable=None):  # a progress bar on a terminal only
+        probs = forward(model, piece)[0][:, 0].softmax(-1)
         p, ids = probs.topk(10, dim=-1)
+        order += idx
         parts.append(torch.cat([p, ids.float(), probs[:, label_ids]], 1).cpu())
     out = torch.cat(parts)[np.argsort(order)].numpy()  # back in the order of seqs
     return out[:, :10], out[:, 10:20].astype(int), out[:, 20:]
@@ -867,13 +883,10 @@ def generate_texts(model, tok, seqs: list, max_new: int, slots=None) -> list:
     stops, at every EOS of the generation_config or at the first "\\n\\n", and cut there."""
     nn, ends, starts = newline_tokens(tok, model.config.vocab_size, model.device)
     stop = lambda prev, y: nn[y] if prev is None else nn[y] | ends[prev] & starts[y]  # "\n\n" in decode([prev, y])
-    texts, order = [None] * len(seqs), sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    read = read_tokens(model, False, 8)
-    for part in tqdm(spans([len(seqs[i]) + max_new + read for i in order], token_budget(model, grad=False)),
-                     desc="generate", leave=False, disable=None):
-        idx = order[part]
-        for i, o in zip(idx, generate(model, [seqs[i] for i in idx], max_new, eos_ids(model, tok.eos_token_id),
-                                      stop=stop, slots=slots and [slots[i] for i in idx])):
+    read, rows, texts = read_tokens(model, False, 8), list(zip(slots or [None] * len(seqs), seqs)), [None] * len(seqs)
+    for idx, piece in tqdm(batches(model, rows, lambda s: len(s) + max_new + read, grad=False), desc="generate",
+                           leave=False, disable=None):
+        for i, o in zip(idx, generate(model, piece, max_new, eos_ids(model, tok.eos_token_id), stop=stop)):
             texts[i] = answer_of(tok, o["tokens"])
     return texts
 
