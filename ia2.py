@@ -1,32 +1,39 @@
 """IA2: ICL Activation Alignment, then supervised fine-tuning, in one file.
 
-IA2 distils in-context learning (ICL) into LoRA weights: the model *without* demonstrations is trained to
-reproduce the self-attention outputs the same model produces *with* N-1 demonstrations, then fine-tuned as
-usual (SFT). Mishra, Khashabi, Liu. "IA2: Alignment with ICL Activations Improves Supervised Fine-Tuning."
+IA2 distils in-context learning (ICL) into adapter weights: the model *without* demonstrations is trained to
+reproduce the self-attention outputs that the same model produces *with* N-1 demonstrations, then fine-tuned
+as usual (SFT). Mishra, Khashabi, Liu. "IA2: Alignment with ICL Activations Improves Supervised Fine-Tuning."
 ICLR 2026, arXiv:2509.22621.
 
-The steps, in the order of the paper and of this file:
-  1. the tasks, the prompts, the few-shot protocol (§5, App. A) .. TASKS, load_task, few_shot_split
-  2. LoRA by hand, K adapters side by side (§5) .................. LoRALinear, add_lora
-  3. the self-attention outputs of every layer (§2) .............. capture_activations, forward
-  4. the teacher: the base model reading N-1 demos (§3, §4) ....... generate, teacher
-  5. the losses: IA2 (Eq. 4), SFT (Eq. 2), IA2+SFT (§6), KD ...... ia2_loss, sft_loss, kd_loss
-  6. training every (lr, run) adapter of a method at once ......... train
-  7. evaluation: accuracy, ECE, generated answers (§5) ........... predict, metrics, ece, parse_answer
-  8. the experiment and the paper's selection of the lr .......... run_experiment
+How to read this file. Sections 1-7 are the method, in the order of the paper, and read on their own: small
+functions, each equation once. They are the code for one adapter, except section 2, which holds all of the
+batching that trains a method's whole grid of adapters at once (one slot per adapter). Sections 8 and 9 are
+the experiment around the method: the 12 tasks and the few-shot protocol, then the run and its tables.
+
+  1. the adapters by hand: LoRA, (IA)³ (§5; Tables 6, 16-20) ....... LoRALinear, IA3Linear, add_adapters
+  2. many adapters in one batch ........................................ adapters, batches, token_budget
+  3. the self-attention outputs of every layer (§2) ................... capture_activations, forward
+  4. the teacher: the base model reading N-1 demos (§3, §4) ............ generate, teacher
+  5. the losses: IA2 (Eq. 4), SFT (Eq. 2), IA2+SFT (§6), KD ........... ia2_loss, sft_loss, kd_loss
+  6. training, every (lr, run) adapter of a method at once (§5) ........ train, Adam
+  7. evaluation: accuracy, ECE, generated answers (§5) ................ predict, metrics, ece, parse_answer
+  8. the tasks, the prompts, the few-shot protocol (§5, App. A) ........ TASKS, load_task, few_shot_split
+  9. the experiment and the paper's selection of the lr ............... run_experiment
 
 Symbols: X the query prompt ("Text:a gripping film\nLabel:"); Y its ground truth; I the other N-1 training
 examples (the demos); Ŷ the base model's greedy answer with demos, T' <= T tokens; A_ICL (L, T', D) its
 self-attention outputs at d_icl+t; L, D layers and hidden size; T = 1 (single-token tasks) or 200; r, α
-the LoRA rank and scale numerator (8, 8); β the weight of the SFT term in IA2+SFT.
+the LoRA rank and scale numerator (8, 8); l the (IA)³ vector; β the weight of the SFT term in IA2+SFT.
 
     python ia2.py --model Qwen/Qwen3-0.6B --task sst2       # a table of accuracy and ECE per method
     python ia2.py --model Qwen/Qwen3-0.6B --task sst2 --eval-tasks sst2 finsen poems
     python ia2.py --model Qwen/Qwen3-0.6B --task gsm8k
+    python ia2.py --model Qwen/Qwen3-0.6B --task sst2 --adapter ia3
 
 But (README.md lists every deviation from the official code): the best dev checkpoint is really restored
 (--restore last keeps the last, as the official code does); torch is seeded; padded batches replace
-gradient accumulation; LoRA and losses are fp32; one KV-cached rollout gives Ŷ, A_ICL and the KD targets.
+gradient accumulation; adapters, logits and losses are fp32; one KV-cached rollout gives Ŷ, A_ICL and the
+KD targets.
 """
 import argparse
 import collections
@@ -36,6 +43,7 @@ import dataclasses
 import functools
 import glob
 import inspect
+import itertools
 import json
 import math
 import os
@@ -54,7 +62,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm  # installed with transformers and datasets
 
-METHODS = ("zero_shot", "icl", "sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_then_sft_icl", "ia2_plus_sft", "kd")
+METHODS = ("zero_shot", "icl", "sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_then_sft_icl", "ia2_plus_sft",
+           "kd")
 TRAINED = METHODS[2:]
 OBJECTIVE = dict(sft="sft", sft_icl="sft_icl", ia2="ia2", ia2_then_sft="sft", ia2_then_sft_icl="sft_icl",
                  ia2_plus_sft="ia2_plus_sft", kd="kd")  # ia2_then_sft(_icl): SFT continuing the ia2 adapter
@@ -78,66 +87,72 @@ def arg(default, help, ok=None):
     return field(default=default, metadata=dict(help=help, ok=ok))
 
 
-AT_LEAST = lambda n: (lambda v: v >= n, f">= {n}")
+def at_least(n):
+    return lambda v: v >= n, f">= {n}"
+
+
+def one_of(*values):
+    return lambda v: v in values, ", ".join(values[:-1]) + " or " + values[-1]
 
 
 @dataclass
 class Config:
-    model: str = arg("Qwen/Qwen3-0.6B", "Hub id or local folder of a causal LM (paper: Qwen3-4B-Base, Llama-3.2-1B)")
-    task: str = arg("sst2", "the task trained on (--list-tasks)",
-                    (lambda v: v in TASKS and TASKS[v]["splits"][0], "a task with training data (--list-tasks)"))
-    eval_tasks: tuple = arg(None, "tasks evaluated on, e.g. sst2 finsen poems (ICL demos from --task, the paper's "
+    model: str = arg("Qwen/Qwen3-0.6B", "Hub id or folder of a causal LM (paper: Qwen3-4B-Base, Llama-3.2)")
+    task: str = arg("sst2", "the task trained on (--list-tasks)", (
+        lambda v: v in TASKS and TASKS[v]["splits"][0], "a task with training data (--list-tasks)"))
+    eval_tasks: tuple = arg(None, "tasks evaluated on, e.g. sst2 finsen poems (ICL demos from --task: the "
                             "OOD protocol); unset: --task", (lambda v: v in TASKS, "a task of --list-tasks"))
-    data: tuple = arg(None, "local data: FILE (for --task) or TASK=FILE ...; .csv, .tsv, .jsonl, .json, .parquet with "
-                      "the template's fields (e.g. text) and label (a label string or index) or answer")
-    labels: tuple = arg(None, "label strings instead of the task's (sst2: 0 1), one token each; a leading space is "
-                        "part of the string: --labels ' negative' ' positive'")
-    n_train: int = arg(4, "N, labelled examples per run; each query sees the other N-1 (paper: 4 Qwen, 8 Llama)",
-                       AT_LEAST(2))
-    runs: int = arg(5, "runs r = 0..runs-1, each a different draw of the N examples (paper: 5)", AT_LEAST(1))
-    adapter: str = arg("lora", "lora, or ia3: (IA)³, a learned scale of each target's input (the paper's Tables 6, "
-                       "16-20)", (lambda v: v in LR_GRIDS, "lora or ia3"))
-    lr: tuple = arg(None, "learning-rate grid; unset: the adapter's grid in the paper, lora 1e-4 3e-4 1e-3, ia3 1e-1 1e-2 "
-                    "1e-3", (lambda v: v > 0, "> 0"))
-    beta: tuple = arg((0.1, 0.5, 0.7, 0.9), "β grid of ia2_plus_sft, (1-β)·L_IA2 + β·L_SFT(Ŷ), selected with the lr "
-                      "(paper: Qwen 0.1 0.5 0.7 0.9, Llama 0.001 0.01 0.05 0.5)", (lambda v: 0 <= v <= 1, "in [0, 1]"))
-    methods: tuple = arg(METHODS[:-1], f"any of {' '.join(METHODS)} (kd, Table 4's soft labels, only when named)",
-                         (lambda v: v in METHODS, "one of " + " ".join(METHODS)))
-    eval_size: int = arg(500, "evaluation examples, never trained on (paper: 500)", AT_LEAST(1))
-    pool_size: int = arg(2000, "pool of the N examples, the dev set and the ICL demos (paper: 2000)", AT_LEAST(1))
-    epochs: int = arg(50, "maximum epochs (paper: 50)", AT_LEAST(1))
-    patience: int = arg(5, "stop after this many dev checks (every 2 steps) without a new best (paper: 5)", AT_LEAST(1))
-    batch_size: int = arg(4, "examples per step, min(this, N) (paper: 4, by gradient accumulation)", AT_LEAST(1))
-    rank: int = arg(8, "LoRA's rank r; α = r (paper: 8)", AT_LEAST(1))
-    targets: str = arg("qko", "the adapter on these of every layer, letters of q k v o (paper: qko; Table 7: qk, qkv)",
+    data: tuple = arg(None, "local data, FILE (for --task) or TASK=FILE ...: .csv, .tsv, .jsonl, .json or "
+                      ".parquet with the template's fields and label (a label or its index) or answer")
+    labels: tuple = arg(None, "label strings instead of the task's (sst2: 0 1), one token each; a leading "
+                        "space counts: --labels ' negative' ' positive'")
+    n_train: int = arg(4, "N, labelled examples per run (paper: 4 Qwen, 8 Llama)", at_least(2))
+    runs: int = arg(5, "runs r = 0..runs-1, each a different draw of the N examples (paper: 5)", at_least(1))
+    adapter: str = arg("lora", "lora, or ia3: (IA)³, a learned scale of each target's input (Tables 6, 16)",
+                       one_of("lora", "ia3"))
+    lr: tuple = arg(None, "lr grid; unset: the adapter's grid in the paper (lora 1e-4 3e-4 1e-3, ia3 1e-1 "
+                    "1e-2 1e-3)", (lambda v: v > 0, "> 0"))
+    beta: tuple = arg((0.1, 0.5, 0.7, 0.9), "β grid of ia2_plus_sft, (1-β)·L_IA2 + β·L_SFT(Ŷ) (paper: Qwen "
+                      "0.1 0.5 0.7 0.9, Llama 0.001 0.01 0.05 0.5)", (lambda v: 0 <= v <= 1, "in [0, 1]"))
+    methods: tuple = arg(METHODS[:-1], f"any of {' '.join(METHODS)} (kd only when named)", one_of(*METHODS))
+    eval_size: int = arg(500, "evaluation examples, never trained on (paper: 500)", at_least(1))
+    pool_size: int = arg(2000, "pool of the N examples, the dev set and the demos (paper: 2000)", at_least(1))
+    epochs: int = arg(50, "maximum epochs (paper: 50)", at_least(1))
+    patience: int = arg(5, "stop after this many dev checks without a new best (paper: 5)", at_least(1))
+    batch_size: int = arg(4, "examples per step, min(this, N) (paper: 4)", at_least(1))
+    rank: int = arg(8, "LoRA's rank r; α = r (paper: 8)", at_least(1))
+    targets: str = arg("qko", "the adapter on these of each layer: q k v o (paper: qko; Table 7: qk, qkv)",
                        (lambda v: len(v) == len(set(v)) > 0 and set(v) <= set("qkvo"), "letters of qkvo"))
-    restore: str = arg("best", "adapter kept: best (lowest dev loss, what the official code means to do) or last "
-                       "(what it does); IA2→SFT continues the kept one", (lambda v: v in ("best", "last"), "best or last"))
-    max_new_tokens: int = arg(None, "multi-token tasks: rollout length T and generation limit (paper: 200; "
-                              "hmath_algebra's evaluation 400)", AT_LEAST(1))
-    seed: int = arg(0, "run r seeds its split, demo order, LoRA init and shuffles with seed + r (paper: r)")
-    device: str = arg("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu. Rows per forward: on cuda as many as "
-                      "half the free memory holds (README), else 2048 tokens",
-                      (lambda v: v in ("auto", "cuda", "mps", "cpu"), "auto, cuda, mps or cpu"))
-    dtype: str = arg("auto", "the base model's dtype: auto (bfloat16 on a GPU that computes it natively, else "
-                     "float32; README), bfloat16, float16 or float32. Adapters, logits and losses are fp32",
-                     (lambda v: v in ("auto", "bfloat16", "float16", "float32"), "auto, bfloat16, float16 or float32"))
+    restore: str = arg("best", "adapter kept: best (lowest dev loss: what the official code means to do) or "
+                       "last (what it does)", one_of("best", "last"))
+    max_new_tokens: int = arg(None, "multi-token tasks: the rollout length T and the generation limit "
+                              "(paper: 200; hmath_algebra's evaluation: 400)", at_least(1))
+    seed: int = arg(0, "run r seeds its split, demo order, init and shuffles with seed + r (paper: r)")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu",
+                      one_of("auto", "cuda", "mps", "cpu"))
+    dtype: str = arg("auto", "the base model's dtype: auto (bfloat16 on a GPU that has it natively, else "
+                     "float32), bfloat16, float16, float32", one_of("auto", "bfloat16", "float16", "float32"))
     out: str = arg(None, "output folder; unset: runs/<task>-<model>-n<N>-<time>")
     list_tasks: bool = arg(False, "print the task table and exit")
 
     def __post_init__(self):
-        self.lr = LR_GRIDS.get(self.adapter, ()) if self.lr is None else self.lr
+        if self.lr is None:
+            self.lr = LR_GRIDS.get(self.adapter, ())
 
 
-LR_GRIDS = dict(lora=(1e-4, 3e-4, 1e-3), ia3=(1e-1, 1e-2, 1e-3))  # the paper's grid for each adapter (§5, App. B)
+LR_GRIDS = dict(lora=(1e-4, 3e-4, 1e-3), ia3=(1e-1, 1e-2, 1e-3))  # each adapter's paper grid (§5, App. B)
 
 
 def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        kw = (dict(nargs="+", type=float if f.name in ("lr", "beta") else str) if f.type is tuple else
-              dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type))
+        if f.type is tuple:
+            kw = dict(nargs="+", type=float if f.name in ("lr", "beta") else str)
+        elif f.type is bool:
+            kw = dict(action=argparse.BooleanOptionalAction)
+        else:
+            kw = dict(type=f.type)
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kw)
     cfg = Config(**vars(p.parse_args(argv)))
     for f in dataclasses.fields(Config):  # each value against the condition written beside its field
@@ -180,9 +195,9 @@ class LoRALinear(nn.Module):
 
 
 class IA3Linear(nn.Module):
-    """A frozen nn.Linear whose input is scaled by a learned vector, h = W0 (l ⊙ x): (IA)³ (Liu et al. 2022) as the
-    official code configures PEFT, every target a "feed-forward" module. K vectors side by side, l (K, 1, d_in),
-    batch row i through l[rows[i]], as in LoRALinear."""
+    """A frozen nn.Linear whose input is scaled by a learned vector, h = W0 (l ⊙ x): (IA)³ (Liu et al. 2022)
+    as the official code configures PEFT, every target a "feed-forward" module. K vectors side by side, l (K,
+    1, d_in), batch row i through l[rows[i]], as in LoRALinear."""
     PEFT = dict(l="ia3_l")
 
     def __init__(self, base: nn.Linear, K: int = 1):
@@ -212,7 +227,8 @@ def add_ia3(model, targets=("q_proj", "k_proj", "o_proj"), K=1):
 
 
 def wrap(model, targets, adapter, name: str, K: int):
-    """Freeze the model and wrap every targeted nn.Linear (or the base of an adapter already there) in adapter(it)."""
+    """Freeze the model and wrap every targeted nn.Linear (or the base of an adapter already there) in
+    adapter(it)."""
     model.requires_grad_(False)
     for module in list(model.modules()):
         for t in targets:
@@ -241,7 +257,8 @@ def adapter_modules(model) -> dict:
 
 def adapter_state(model, k: int = 0) -> dict:
     """A copy of adapter k: {module name: (A, B)} for LoRA, {module name: (l,)} for (IA)³."""
-    return {n: tuple(getattr(m, p)[k].detach().clone() for p in m.PEFT) for n, m in adapter_modules(model).items()}
+    modules = adapter_modules(model)
+    return {n: tuple(getattr(m, p)[k].detach().clone() for p in m.PEFT) for n, m in modules.items()}
 
 
 def load_adapter_state(model, state: dict, k: int = 0):
@@ -255,16 +272,19 @@ def save_adapter(model, folder: str, cfg: Config, k: int = 0):
     """Adapter k in PEFT's layout: peft.PeftModel.from_pretrained(base_model, folder) loads it (tested)."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
-    names = {n: m.PEFT for n, m in adapter_modules(model).items()}
-    save_file({f"base_model.model.{n}.{key}": t.cpu().contiguous() for n, ts in adapter_state(model, k).items()
-               for key, t in zip(names[n].values(), ts)}, os.path.join(folder, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    targets, common = list(adapter_targets(cfg)), dict(task_type="CAUSAL_LM", base_model_name_or_path=cfg.model,
-                                                       inference_mode=True)
-    config = (dict(peft_type="IA3", target_modules=targets, feedforward_modules=targets, fan_in_fan_out=False,
-                   init_ia3_weights=True, **common) if cfg.adapter == "ia3" else
-              dict(peft_type="LORA", r=cfg.rank, lora_alpha=cfg.rank, lora_dropout=0.0, bias="none",
-                   target_modules=targets, init_lora_weights=True, **common))
+    tensors, modules = {}, adapter_modules(model)
+    for n, ts in adapter_state(model, k).items():
+        for key, t in zip(modules[n].PEFT.values(), ts):
+            tensors[f"base_model.model.{n}.{key}"] = t.cpu().contiguous()
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    targets = list(adapter_targets(cfg))
+    config = dict(task_type="CAUSAL_LM", base_model_name_or_path=cfg.model, inference_mode=True)
+    if cfg.adapter == "ia3":
+        config.update(peft_type="IA3", target_modules=targets, feedforward_modules=targets,
+                      fan_in_fan_out=False, init_ia3_weights=True)
+    else:
+        config.update(peft_type="LORA", r=cfg.rank, lora_alpha=cfg.rank, lora_dropout=0.0, bias="none",
+                      target_modules=targets, init_lora_weights=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -288,10 +308,11 @@ def load_adapter(model, folder: str, k: int = 0):
 
 # -----------------------------------------------------------------------------
 # 2. Many adapters in one batch. A method's grid (3 lrs x 5 runs = 15 jobs; 60 with the β grid) trains as one
-#    model with K adapters side by side: slot k of every adapter tensor is job k's. One batch holds the rows of
-#    every job, each row routed through its job's slot (`adapters`), so that one forward and backward serves all
-#    the jobs, each gradient landing in its own slot. `batches` sorts the rows by length and cuts them into
-#    pieces that fit the memory. Nothing else knows about slots: the rest reads as the paper's one-adapter code.
+#    model with K adapters side by side: slot k of every adapter tensor is job k's. One batch holds the rows
+#    of every job, each row routed through its job's slot (`adapters`), so that one forward and backward
+#    serves all the jobs, each gradient landing in its own slot. `batches` sorts the rows by length and cuts
+#    them into pieces that fit the memory. Nothing else knows about slots: the rest reads as the paper's
+#    one-adapter code.
 
 
 @contextlib.contextmanager
@@ -319,8 +340,9 @@ def without_adapters(model):
 
 
 # Bytes that autograd keeps per token and layer, per unit of the widths D (hidden), Dq (heads x head_dim), Dkv
-# (kv heads x head_dim) and D_mlp, for a base model of 2-byte (bf16, fp16) or 4-byte floats with K LoRA adapters:
-# fitted to saved-tensor measurements of Qwen3 (exact there; Llama, Qwen2, Gemma 3 within ±30 %: tested).
+# (kv heads x head_dim) and D_mlp, for a base model of 2-byte (bf16, fp16) or 4-byte floats with K LoRA
+# adapters: fitted to saved-tensor measurements of Qwen3 (exact there; Llama, Qwen2, Gemma 3 within ±30 %:
+# tested).
 SAVED = {2: (16.3, 12.6, 8.3, 6.0), 4: (12.3, 12.6, 12.3, 12.0)}
 
 
@@ -336,21 +358,24 @@ def bytes_per_token(model, grad: bool) -> float:
 
 
 def token_budget(model, grad: bool) -> int:
-    """Tokens (rows x padded length) per forward pass. On a GPU, as many as half of its free and reusable (cached)
-    memory holds, less the fp32 copy of the LM head that lm_logits makes. On a CPU or a Mac 2048: on a CPU larger
-    batches are not faster."""
+    """Tokens (rows x padded length) per forward pass. On a GPU, as many as half of its free and reusable
+    (cached) memory holds, less the fp32 copy of the LM head that lm_logits makes. On a CPU or a Mac 2048: on
+    a CPU larger batches are not faster."""
     if model.device.type != "cuda":
         return 2048
     dev = model.device
-    free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    free = torch.cuda.mem_get_info(dev)[0]
+    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # cached by torch, reusable
     return max(512, int((free - 4 * model.lm_head.weight.numel()) / 2 / bytes_per_token(model, grad)))
 
 
 def read_tokens(model, grad: bool, per_read: int) -> float:
-    """What a position whose logits are computed costs, in tokens of the budget: per_read·V bytes (with gradients
-    12: fp32 logits, their log-softmax and its gradient; kd 24, with the teacher's log-probabilities; without 8).
-    0 on a CPU, whose budget counts tokens alone."""
-    return per_read * model.config.vocab_size / bytes_per_token(model, grad) if model.device.type == "cuda" else 0.0
+    """What a position whose logits are computed costs, in tokens of the budget: per_read·V bytes (with
+    gradients 12: fp32 logits, their log-softmax and its gradient; kd 24, with the teacher's
+    log-probabilities; without 8). 0 on a CPU, whose budget counts tokens alone."""
+    if model.device.type != "cuda":
+        return 0.0
+    return per_read * model.config.vocab_size / bytes_per_token(model, grad)
 
 
 def spans(lengths: list, budget: int) -> list:
@@ -366,9 +391,9 @@ def spans(lengths: list, budget: int) -> list:
 
 def batches(model, rows: list, length, grad: bool, sort=True):
     """rows: (slot, item) pairs, slot the adapter the item goes through (None: the model as it is). Sorted by
-    length(item), so that little padding is computed (sort=False keeps their order), and cut into pieces of at most
-    token_budget tokens when padded; yields (indices into rows, items) per piece, while the model routes the
-    piece's row i through its slot."""
+    length(item), so that little padding is computed (sort=False keeps their order), and cut into pieces of at
+    most token_budget tokens when padded; yields (indices into rows, items) per piece, while the model routes
+    the piece's row i through its slot."""
     order = sorted(range(len(rows)), key=lambda i: length(rows[i][1])) if sort else list(range(len(rows)))
     for part in spans([length(rows[i][1]) for i in order], token_budget(model, grad)):
         idx = order[part]
@@ -383,11 +408,12 @@ def batches(model, rows: list, length, grad: bool, sort=True):
 
 @contextlib.contextmanager
 def capture_activations(model):
-    """Inside the block, each forward appends one (B, R, D) tensor per layer: the output of layers[l].self_attn,
-    i.e. o_proj's output before the residual add (not hidden_states)."""
+    """Inside the block, each forward appends one (B, R, D) tensor per layer: the output of
+    layers[l].self_attn, i.e. o_proj's output before the residual add (not hidden_states)."""
     layers, acts = model.model.layers, []
     assert len(layers) == model.config.num_hidden_layers, "unexpected decoder layout"
-    keep = lambda mod, args, out: acts.append(out[0] if isinstance(out, tuple) else out)
+    def keep(mod, args, out):
+        acts.append(out[0] if isinstance(out, tuple) else out)
     handles = [layer.self_attn.register_forward_hook(keep) for layer in layers]
     try:
         yield acts
@@ -397,8 +423,8 @@ def capture_activations(model):
 
 
 def lm_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """Logits from final hidden states, the LM head in fp32 (in bf16 a logit of 20 would be rounded by up to 0.06),
-    and only where they are read (V is large)."""
+    """Logits from final hidden states, the LM head in fp32 (in bf16 a logit of 20 would be rounded by up to
+    0.06), and only where they are read (V is large)."""
     head = model.lm_head
     logits = F.linear(h.float(), head.weight.float(), None if head.bias is None else head.bias.float())
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma
@@ -416,7 +442,8 @@ def forward(model, prompts: list, targets=None, capture=False, logits=True):
     R, dev = max(map(len, seqs)), model.device
     ids = torch.tensor([s + [model.config.pad_token_id or 0] * (R - len(s)) for s in seqs], device=dev)
     mask = torch.tensor([[1] * len(s) + [0] * (R - len(s)) for s in seqs], device=dev)
-    at = (torch.tensor([len(x) - 1 for x in prompts])[:, None] + torch.arange(T)).clamp(max=R - 1).to(dev)  # d+t
+    d = torch.tensor([len(x) - 1 for x in prompts])[:, None]  # the last prompt token
+    at = (d + torch.arange(T)).clamp(max=R - 1).to(dev)  # d+t
     rows = torch.arange(len(seqs), device=dev)[:, None]
     with capture_activations(model) if capture else contextlib.nullcontext() as acts:
         h = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -430,12 +457,14 @@ def forward(model, prompts: list, targets=None, capture=False, logits=True):
 
 @contextlib.contextmanager
 def pads_zeroed(model, pad: torch.Tensor):
-    """Inside the block, every layer's self-attention output is 0 at the positions that pad (B, R) marks. A left
-    pad's query has no key to attend to: CPU kernels return 0 there, some GPU kernels NaN, which 0·NaN then carries
-    into every real row of the next layer (README). With this, every backend gives the rows the CPU's numbers."""
+    """Inside the block, every layer's self-attention output is 0 at the positions that pad (B, R) marks. A
+    left pad's query has no key to attend to: CPU kernels return 0 there, some GPU kernels NaN, which 0·NaN
+    then carries into every real row of the next layer (README). With this, every backend gives the rows the
+    CPU's numbers."""
     def zero(mod, args, out):
-        return (out[0].masked_fill(pad[..., None], 0), *out[1:]) if isinstance(out, tuple) else out.masked_fill(
-            pad[..., None], 0)
+        if isinstance(out, tuple):
+            return (out[0].masked_fill(pad[..., None], 0), *out[1:])
+        return out.masked_fill(pad[..., None], 0)
     handles = [layer.self_attn.register_forward_hook(zero) for layer in model.model.layers]
     try:
         yield
@@ -446,46 +475,54 @@ def pads_zeroed(model, pad: torch.Tensor):
 
 @torch.no_grad()
 def generate(model, prompts: list, max_new: int, eos: set, stop=None, capture=False, scores=False):
-    """Greedy decoding with a KV cache: the teacher rollout (§3), the evaluation
-    (§5). Left padding puts every prompt's last token in the last column; position_ids = cumsum(mask)-1 give each
-    row the positions it has alone (tested). A row ends after an id in `eos` (kept, with its activations, as in the
-    official rollout) or once stop(previous token or None, token) is true (tensors (B,): no host sync). Per row:
-    tokens (T',), acts (L, T', D) in the base dtype and logp (T', V) fp32, on the device. A test checks them
-    against the official re-forward of the whole sequence."""
-    B, R, dev = len(prompts), max(map(len, prompts)), model.device
-    ids = torch.tensor([[model.config.pad_token_id or 0] * (R - len(p)) + p for p in prompts], device=dev)
+    """Greedy decoding with a KV cache: the teacher rollout (§3), the evaluation (§5). Left padding puts every
+    prompt's last token in the last column; position_ids = cumsum(mask)-1 give each row the positions it has
+    alone (tested). A row ends after an id in `eos` (kept, with its activations, as in the official rollout)
+    or once stop(previous token or None, token) is true (tensors (B,): no host sync). Per row: tokens (T',),
+    acts (L, T', D) in the base dtype and logp (T', V) fp32, on the device. A test checks them against the
+    official re-forward of the whole sequence."""
+    B, R, dev, pad = len(prompts), max(map(len, prompts)), model.device, model.config.pad_token_id or 0
+    ids = torch.tensor([[pad] * (R - len(p)) + p for p in prompts], device=dev)
     mask = torch.tensor([[0] * (R - len(p)) + [1] * (len(p) + max_new) for p in prompts], device=dev)  # ahead
-    pos, cache, eos = (mask[:, :R].cumsum(1) - 1).clamp(min=0), kv_cache(model), torch.tensor(sorted(eos), device=dev)
+    pos, cache = (mask[:, :R].cumsum(1) - 1).clamp(min=0), kv_cache(model)
+    eos = torch.tensor(sorted(eos), device=dev)
     tokens, acts_t, logp_t, finite = [], [], [], torch.ones((), dtype=torch.bool, device=dev)
     done, length = torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), max_new, device=dev)
     with capture_activations(model) if capture else contextlib.nullcontext() as acts:
         with pads_zeroed(model, mask[:, :R] == 0):  # the prompts, at once; then one token per step
-            h = model.model(input_ids=ids, attention_mask=mask[:, :R], position_ids=pos, use_cache=True, **cache)
+            h = model.model(input_ids=ids, attention_mask=mask[:, :R], position_ids=pos, use_cache=True,
+                            **cache).last_hidden_state
         for t in range(max_new):
-            logits = lm_logits(model, h.last_hidden_state[:, -1])  # (B, V); the cache grew in place
-            finite &= torch.isfinite(logits).all()
-            tokens.append(logits.argmax(-1))
+            logits = lm_logits(model, h[:, -1])  # (B, V); the cache grew in place
+            y, finite = logits.argmax(-1), finite & torch.isfinite(logits).all()
+            ends = torch.isin(y, eos)
+            if stop:
+                ends |= stop(tokens[-1] if tokens else None, y)
+            tokens.append(y)
             if capture:
                 acts_t.append(torch.stack([a[:, -1] for a in acts], 1))  # (B, L, D) at this step's position
                 acts.clear()
             if scores:
                 logp_t.append(logits.log_softmax(-1))
-            ends = torch.isin(tokens[-1], eos) | (stop(tokens[-2] if t else None, tokens[-1]) if stop else False)
-            length = torch.where(ends & ~done, t + 1, length)
-            done |= ends
-            if t == max_new - 1 or t % 8 == 7 and bool(done.all()):  # a host sync every 8 steps, not every step
+            length, done = torch.where(ends & ~done, t + 1, length), done | ends
+            if t == max_new - 1 or t % 8 == 7 and bool(done.all()):  # a host sync every 8 steps, not each
                 break
             pos = pos[:, -1:] + 1
-            h = model.model(input_ids=tokens[-1][:, None], attention_mask=mask[:, :R + t + 1], position_ids=pos,
-                            use_cache=True, **cache)
+            h = model.model(input_ids=y[:, None], attention_mask=mask[:, :R + t + 1], position_ids=pos,
+                            use_cache=True, **cache).last_hidden_state
     if not finite:
-        raise IA2Error(f"the model's logits became nan or inf while generating ({model.dtype} on {dev.type})" +
-                       "; try --dtype float32" * (model.dtype != torch.float32))
+        raise IA2Error(f"the model's logits became nan or inf while generating ({model.dtype} on {dev.type})"
+                       + try_fp32(model))
     tokens, n = torch.stack(tokens, 1).tolist(), length.tolist()
     acts_t = torch.stack(acts_t, 2) if capture else None  # (B, L, T, D)
     logp_t = torch.stack(logp_t, 1) if scores else None  # (B, T, V)
     return [dict(tokens=tokens[i][:n[i]], acts=acts_t[i, :, :n[i]] if capture else None,
                  logp=logp_t[i, :n[i]] if scores else None) for i in range(B)]
+
+
+def try_fp32(model) -> str:
+    """What an error about nan or inf suggests: a dtype with the range of fp32, unless it is fp32 already."""
+    return "" if model.dtype == torch.float32 else "; try --dtype float32"
 
 
 def kv_cache(model) -> dict:
@@ -497,12 +534,13 @@ def kv_cache(model) -> dict:
 
 
 def teacher(model, items: list, T: int, eos_id: int, scores=False):
-    """Adds to each item Ŷ (y_icl) and A_ICL (L, T', D) at d_icl+t: one greedy rollout of the base model on I∘X,
-    stopped only at the tokenizer's EOS, with no "\\n\\n" stop (official get_activations; T=1 for single-token
-    tasks). Where the official code calls generate() instead, which stops at every EOS of the generation_config,
-    the rollout is cut there: y_out, the "ICL outputs" (targets of sft_icl, ia2_then_sft_icl; icl_output), and,
-    for kd, y_kd with its log-probabilities (T', V) (collect_icl_distributions: no EOS appended). These stay on
-    the device, unless on a GPU they would take more than a quarter of its free memory: then in pinned host memory."""
+    """Adds to each item Ŷ (y_icl) and A_ICL (L, T', D) at d_icl+t: one greedy rollout of the base model on
+    I∘X, stopped only at the tokenizer's EOS, with no "\\n\\n" stop (official get_activations; T=1 for
+    single-token tasks). Where the official code calls generate() instead, which stops at every EOS of the
+    generation_config, the rollout is cut there: y_out, the "ICL outputs" (targets of sft_icl,
+    ia2_then_sft_icl; icl_output), and, for kd, y_kd with its log-probabilities (T', V)
+    (collect_icl_distributions: no EOS appended). These stay on the device, unless on a GPU they would take
+    more than a quarter of its free memory: then in pinned host memory."""
     eos, read = eos_ids(model, eos_id), read_tokens(model, False, 8)
     host = scores and model.device.type == "cuda" and (
         4 * len(items) * T * model.config.vocab_size > torch.cuda.mem_get_info(model.device)[0] / 4)
@@ -512,7 +550,7 @@ def teacher(model, items: list, T: int, eos_id: int, scores=False):
             outs = generate(model, [it["icl"] for it in part], T, {eos_id}, capture=True, scores=scores)
             if not all(torch.isfinite(o["acts"]).all() for o in outs):
                 raise IA2Error(f"the teacher's activations (A_ICL) are nan or inf ({model.dtype} on "
-                               f"{model.device.type})" + "; try --dtype float32" * (model.dtype != torch.float32))
+                               f"{model.device.type})" + try_fp32(model))
             for it, o in zip(part, outs):
                 it.update(y_icl=o["tokens"], A_icl=o["acts"], y_out=icl_output(o["tokens"], T, eos, eos_id))
                 if scores:
@@ -523,20 +561,20 @@ def teacher(model, items: list, T: int, eos_id: int, scores=False):
 
 
 def eos_ids(model, eos_id: int) -> set:
-    """Where the official generate() calls stop (evaluation, ICL outputs, KD distributions): at every EOS id of
-    the model's generation_config (Llama-3 Instruct and Qwen3 list several), else at the tokenizer's."""
+    """Where the official generate() calls stop (evaluation, ICL outputs, KD distributions): at every EOS id
+    of the model's generation_config (Llama-3 Instruct and Qwen3 list several), else at the tokenizer's."""
     ids = getattr(model.generation_config, "eos_token_id", None)
     return set([ids] if isinstance(ids, int) else ids or []) or {eos_id}
 
 
 def generate_length(tokens: list, eos: set) -> int:
-    """How much of a rollout a generate() that stops at the ids in `eos` keeps: up to the first of them, kept."""
+    """How much of a rollout a generate() that stops at the ids in `eos` keeps: up to the first one, kept."""
     return next((i + 1 for i, y in enumerate(tokens) if y in eos), len(tokens))
 
 
 def icl_output(tokens: list, T: int, eos: set, eos_id: int) -> list:
-    """The official collect_icl_outputs from a rollout: cut as generate() stops; a cut before T tokens on an id
-    other than the tokenizer's EOS gets that EOS appended."""
+    """The official collect_icl_outputs from a rollout: cut as generate() stops; a cut before T tokens on an
+    id other than the tokenizer's EOS gets that EOS appended."""
     cut = generate_length(tokens, eos)
     return tokens[:cut] + [eos_id] * (cut < T and tokens[cut - 1] != eos_id)
 
@@ -574,18 +612,17 @@ def padded(xs: list, T: int) -> torch.Tensor:
 
 
 def target_of(objective: str, item: dict) -> list:
-    """What the student reads after X (official code): the ground truth Y for sft, the ICL outputs for sft_icl,
-    the rollout cut as generate() stops for kd, the teacher's rollout Ŷ otherwise."""
+    """What the student reads after X (official code): the ground truth Y for sft, the ICL outputs for
+    sft_icl, the rollout cut as generate() stops for kd, the teacher's rollout Ŷ otherwise."""
     return item[dict(sft="y_ids", sft_icl="y_out", kd="y_kd").get(objective, "y_icl")]
 
 
 def objective_loss(model, objective: str, batch: list, beta=0.5) -> torch.Tensor:
-    """Each example's loss (B,); the student reads X∘target and is read at
-    d_q+t. sft, sft_icl: cross-entropy; ia2; ia2_plus_sft = (1-β)·L_IA2 + β·L_SFT(Ŷ) in one forward (the
-    official code's convex form; β a number or one per example); kd."""
-    targets = [target_of(objective, it) for it in batch]
-    logits, acts = forward(model, [it["x"] for it in batch], targets, capture=objective in ("ia2", "ia2_plus_sft"),
-                           logits=objective != "ia2")
+    """Each example's loss (B,); the student reads X∘target and is read at d_q+t. sft, sft_icl:
+    cross-entropy; ia2; ia2_plus_sft = (1-β)·L_IA2 + β·L_SFT(Ŷ) in one forward (the official code's convex
+    form; β a number or one per example); kd."""
+    targets, capture = [target_of(objective, it) for it in batch], objective in ("ia2", "ia2_plus_sft")
+    logits, acts = forward(model, [it["x"] for it in batch], targets, capture, logits=objective != "ia2")
     T, dev = max(map(len, targets)), model.device
     target = torch.tensor([y + [-100] * (T - len(y)) for y in targets], device=dev)
     if objective in ("sft", "sft_icl"):
@@ -624,8 +661,9 @@ class Job:
 
 class Adam:
     """torch.optim.Adam (no weight decay) for K adapters stacked along dim 0 of each parameter: slot k has its
-    own lr and step count, and only the slots in `live` move (tested against torch.optim.Adam). Each line is one
-    foreach op over every parameter tensor; the bias corrections are float64 on the host (MPS has no float64)."""
+    own lr and step count, and only the slots in `live` move (tested against torch.optim.Adam). Each line is
+    one foreach op over every parameter tensor; the bias corrections are float64 on the host (MPS has no
+    float64)."""
 
     def __init__(self, params: list, lrs: list, betas=(0.9, 0.999), eps=1e-8):
         self.params, self.betas, self.eps = params, betas, eps
@@ -658,8 +696,8 @@ class Adam:
 
 
 def train(model, objective: str, jobs: list, cfg: Config, tag) -> list:
-    """Trains every job's adapter at once, job k in slot k of each LoRALinear. Each step takes the next batch of
-    min(4, N) examples of every job still training into one forward and backward (the jobs' mean losses
+    """Trains every job's adapter at once, job k in slot k of each LoRALinear. Each step takes the next batch
+    of min(4, N) examples of every job still training into one forward and backward (the jobs' mean losses
     summed: each job's gradient is its own) and an Adam step at each job's lr. Per job: the dev loss every 2
     steps and at each epoch end; stop after `patience` checks without a new best, or after --epochs; keep the
     best adapter (--restore last: the last). Each job's init, example order, steps and dev losses are those of
@@ -672,18 +710,18 @@ def train(model, objective: str, jobs: list, cfg: Config, tag) -> list:
         if job.start:
             load_adapter_state(model, job.start, k)
         job.rng = np.random.RandomState(cfg.seed + job.run)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params, bs = [p for p in model.parameters() if p.requires_grad], min(cfg.batch_size, cfg.n_train)
     opt, best = Adam(params, [job.lr for job in jobs]), [p.detach().clone() for p in params]  # best: per slot
     while not all(job.done for job in jobs):
         live = [k for k, job in enumerate(jobs) if not job.done]
-        losses = backward(model, objective, [(k, jobs[k], next_batch(jobs[k], min(cfg.batch_size, cfg.n_train)))
-                                             for k in live])
+        losses = backward(model, objective, [(k, jobs[k], next_batch(jobs[k], bs)) for k in live])
         for k, loss in zip(live, losses):
             finite_or_stop(loss, "training", jobs[k], model, tag)
         opt.step(live)
-        check, new_best = [k for k in live if jobs[k].steps % 2 == 0 or not jobs[k].order], np.zeros(len(jobs), bool)
-        for k, dev in zip(check, dev_losses(model, objective, [(k, jobs[k]) for k in check])):  # every 2 steps,
-            finite_or_stop(dev, "dev", jobs[k], model, tag)  # and at each epoch's end
+        check = [k for k in live if jobs[k].steps % 2 == 0 or not jobs[k].order]  # every 2 steps, epoch ends
+        new_best = np.zeros(len(jobs), bool)
+        for k, dev in zip(check, dev_losses(model, objective, [(k, jobs[k]) for k in check])):
+            finite_or_stop(dev, "dev", jobs[k], model, tag)
             new_best[k] = update(jobs[k], dev, losses[live.index(k)], cfg, tag)
         if new_best.any():
             copy_slots(best, params, new_best)  # keep the adapters at their new best
@@ -701,11 +739,14 @@ def copy_slots(to: list, source: list, slots: np.ndarray):
 
 
 def finite_or_stop(loss: float, what: str, job: Job, model, tag):
-    if not math.isfinite(loss):
-        raise IA2Error(f"{tag(job)}: the {what} loss is {loss} at step {job.steps}" + (
-            f", before any update: the model's forward pass is not finite ({model.dtype})" +
-            "; try --dtype float32" * (model.dtype != torch.float32) if job.steps == 1 else
-            " (it was finite before): the adapter diverged; try a lower --lr"))
+    """A nan or inf loss stops the run, saying whether the model's forward pass or the training went wrong."""
+    if math.isfinite(loss):
+        return
+    if job.steps == 1:
+        why = f", before any update: the model's forward pass is not finite ({model.dtype}){try_fp32(model)}"
+    else:
+        why = " (it was finite before): the adapter diverged; try a lower --lr"
+    raise IA2Error(f"{tag(job)}: the {what} loss is {loss} at step {job.steps}{why}")
 
 
 def next_batch(job: Job, bs: int) -> list:
@@ -750,8 +791,8 @@ def cost(model, objective: str, grad: bool):
 
 
 def update(job: Job, dev: float, loss: float, cfg: Config, tag) -> bool:
-    """After a dev check: count checks without a new best, stop at `patience` or after --epochs. Returns whether
-    this is a new best."""
+    """After a dev check: count checks without a new best, stop at `patience` or after --epochs. Returns
+    whether this is a new best."""
     new_best = dev < job.best
     job.best, job.bad = (dev, 0) if new_best else (job.best, job.bad + 1)
     print(f"[{tag(job)}] ep {job.epoch} step {job.steps} | loss {loss:.4f} | dev {dev:.4f}{' *' * new_best}")
@@ -769,11 +810,13 @@ def update(job: Job, dev: float, loss: float, cfg: Config, tag) -> bool:
 
 @torch.no_grad()
 def predict(model, seqs: list, label_ids: list, slots=None):
-    """Per prompt, prompt i through adapter slots[i] (None: the model as it is): the top-10 token probabilities
-    and ids, and each label token's probability. Each batch moves to the host once."""
-    read, rows, order, parts = read_tokens(model, False, 8), list(zip(slots or [None] * len(seqs), seqs)), [], []
-    for idx, piece in tqdm(batches(model, rows, lambda s: len(s) + read, grad=False), desc="eval", leave=False,
-                           disable=None):  # a progress bar on a terminal only
+    """Per prompt, prompt i through adapter slots[i] (None: the model as it is): the top-10 token
+    probabilities and ids, and each label token's probability. Each batch moves to the host once."""
+    rows, order, parts = list(zip(slots or [None] * len(seqs), seqs)), [], []
+    read = read_tokens(model, False, 8)
+    pieces = batches(model, rows, lambda s: len(s) + read, grad=False)
+    for idx, piece in tqdm(pieces, desc="eval", leave=False, disable=None):  # a progress bar on a terminal
+
         probs = forward(model, piece)[0][:, 0].softmax(-1)
         p, ids = probs.topk(10, dim=-1)
         order += idx
@@ -793,7 +836,8 @@ def equal_mass_bins(conf: np.ndarray, n_bins: int = 15) -> list:
 
 def ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
     """The paper's ECE over equal-mass bins: Σ_b |b|/n · |acc_b - conf_b|."""
-    return float(sum(len(b) / len(conf) * abs(correct[b].mean() - conf[b].mean()) for b in equal_mass_bins(conf, n_bins)))
+    bins = equal_mass_bins(conf, n_bins)
+    return float(sum(len(b) / len(conf) * abs(correct[b].mean() - conf[b].mean()) for b in bins))
 
 
 def ece_equal_width(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
@@ -813,7 +857,8 @@ def metrics(pred, gold: np.ndarray, tok, labels: list) -> dict:
     correct = (answer == gold).astype(float)
     return dict(accuracy=100 * correct.mean(),
                 label_accuracy=100 * (label_p[np.arange(len(gold)), gold] >= label_p.max(-1)).mean(),
-                ece=ece(top_p[:, 0] / top_p.sum(-1), correct), ece_equal_width=ece_equal_width(top_p[:, 0], correct),
+                ece=ece(top_p[:, 0] / top_p.sum(-1), correct),
+                ece_equal_width=ece_equal_width(top_p[:, 0], correct),
                 predicted=(100 * np.bincount(answer, minlength=len(labels) + 1) / len(gold)).tolist())
 
 
@@ -824,7 +869,8 @@ def top1_label(top_id: np.ndarray, tok, labels: list) -> np.ndarray:
 
 
 def boxed(text: str):
-    """The content of the last \\boxed{...}, nested braces included; None without one, or unbalanced (cut off)."""
+    """The content of the last \\boxed{...}, nested braces included; None without one, or unbalanced (cut
+    off)."""
     start = text.rfind("\\boxed{")
     depth, i = 0, start + len("\\boxed")
     for j in range(i, len(text) if start >= 0 else 0):
@@ -845,10 +891,11 @@ def clean_number(s: str):
 
 
 def parse_answer(task: str, text: str):
-    """The final answer of a generation or a ground truth, parsed alike (the official utils.py's decisions where
-    they are right; README, Deviations). gsm8k, gsm8ks: \\boxed{x}, '#### x', 'answer is x', 'Answer: x', '$x',
-    else the last number that is not a year (1900-2100), else the last number; cleaned. hmath_algebra: the last
-    \\boxed{} (whitespace removed, \\dfrac as \\frac). sciqa: the text after the last '####'."""
+    """The final answer of a generation or a ground truth, parsed alike (the official utils.py's decisions
+    where they are right; README, Deviations). gsm8k, gsm8ks: \\boxed{x}, '#### x', 'answer is x', 'Answer:
+    x', '$x', else the last number that is not a year (1900-2100), else the last number; cleaned.
+    hmath_algebra: the last \\boxed{} (whitespace removed, \\dfrac as \\frac). sciqa: the text after the last
+    '####'."""
     if task == "sciqa":
         return text.split("####")[-1].strip()
     b = boxed(text)
@@ -871,47 +918,69 @@ def answer_of(tok, ids: list) -> str:
 
 @functools.lru_cache(maxsize=4)
 def newline_tokens(tok, V: int, device) -> tuple:
-    """Three (V,) masks of the token ids whose text holds "\\n\\n", ends with "\\n", starts with "\\n": the
-    evaluation's "\\n\\n" stop, one token or two, tested on the device without decoding each step."""
+    """(V,) masks of the token ids whose text holds "\\n\\n", ends with "\\n" and starts with "\\n": the
+    evaluation's "\\n\\n" stop, one token or two, tested on the device without decoding every step."""
     texts = tok.batch_decode([[i] for i in range(len(tok))]) + [""] * (V - len(tok))
-    return tuple(torch.tensor([f(x) for x in texts], device=device) for f in (
-        lambda x: "\n\n" in x, lambda x: x.endswith("\n"), lambda x: x.startswith("\n")))
+    has = torch.tensor(["\n\n" in x for x in texts], device=device)
+    ends = torch.tensor([x.endswith("\n") for x in texts], device=device)
+    return has, ends, torch.tensor([x.startswith("\n") for x in texts], device=device)
 
 
 def generate_texts(model, tok, seqs: list, max_new: int, slots=None) -> list:
-    """Greedy continuations (prompt i through adapter slots[i]), stopped as the official evaluation's generate()
-    stops, at every EOS of the generation_config or at the first "\\n\\n", and cut there."""
-    nn, ends, starts = newline_tokens(tok, model.config.vocab_size, model.device)
-    stop = lambda prev, y: nn[y] if prev is None else nn[y] | ends[prev] & starts[y]  # "\n\n" in decode([prev, y])
-    read, rows, texts = read_tokens(model, False, 8), list(zip(slots or [None] * len(seqs), seqs)), [None] * len(seqs)
-    for idx, piece in tqdm(batches(model, rows, lambda s: len(s) + max_new + read, grad=False), desc="generate",
-                           leave=False, disable=None):
+    """Greedy continuations (prompt i through adapter slots[i]), stopped as the official evaluation's
+    generate() stops, at every EOS of the generation_config or at the first "\\n\\n", and cut there."""
+    has, ends, starts = newline_tokens(tok, model.config.vocab_size, model.device)
+
+    def stop(prev, y):  # "\n\n" in decode([prev, y]), the official stop on the text
+        return has[y] if prev is None else has[y] | ends[prev] & starts[y]
+    read, rows, texts = read_tokens(model, False, 8), list(zip(slots or [None] * len(seqs), seqs)), {}
+    pieces = batches(model, rows, lambda s: len(s) + max_new + read, grad=False)
+    for idx, piece in tqdm(pieces, desc="generate", leave=False, disable=None):
         for i, o in zip(idx, generate(model, piece, max_new, eos_ids(model, tok.eos_token_id), stop=stop)):
             texts[i] = answer_of(tok, o["tokens"])
-    return texts
+    return [texts[i] for i in range(len(seqs))]
 
 
 # -----------------------------------------------------------------------------
 # 8. The tasks, the prompts and the few-shot protocol (§5 "Data Setup", App. A)
 
 
-# The official prepare_data.py's templates (no space after the colons) and label strings. `row` turns a Hub
-# record into the template's fields and a label (index into `labels`) or an answer text; None drops it.
-# splits: (pool, eval); no pool: evaluation only (OOD); no eval split: the last --eval-size records.
-SLOTS = ["apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday"]  # App. A, seed 42
-
-
+# The official prepare_data.py's templates (no space after the colons) and label strings. splits: (pool,
+# eval); no pool: evaluation only (OOD); no eval split: the eval set is the last --eval-size records. A Hub
+# record gives the template's fields and the label (an index into `labels`) or the answer from its columns,
+# found as a local file's are (ALIASES); a task whose records need more has a `row`, None to drop a record.
+SLOTS = ["apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday"]  # App. A
 TEXT, QA = "Text:{text}\nLabel:", "Question:{question}\nAnswer:"
-CHOICES = lambda n: "Question:{question}\nChoices:\n" + "".join(f"[{SLOTS[i]}]{{o{i}}}\n" for i in range(n)) + "\nAnswer:"
 BBC = {"tech": 3, "business": 2, "sport": 1}  # AG News' label of each BBC topic; entertainment, politics: 0
 
 
+def choices(n: int) -> str:
+    """The template of an n-option question, each option after its slot word (App. A; seed 42 in the code)."""
+    options = "".join(f"[{SLOTS[i]}]{{o{i}}}\n" for i in range(n))
+    return "Question:{question}\nChoices:\n" + options + "\nAnswer:"
+
+
+def finsen_row(ex, rng):  # {0 negative, 2 positive} -> {0, 1}; neutral (1) dropped
+    return None if ex["label"] == 1 else dict(text=ex["sentence"], label=ex["label"] // 2)
+
+
+def poems_row(ex, rng):  # negative, positive; no_impact and mixed dropped: 288 records left
+    return dict(text=ex["verse_text"], label=ex["label"]) if ex["label"] < 2 else None
+
+
+def bbcnews_row(ex, rng):  # 256 characters, cut at a word boundary
+    text = ex["text"] if len(ex["text"]) <= 256 else ex["text"][:256].rsplit(" ", 1)[0]
+    return dict(text=text, label=BBC.get(ex["label_text"], 0))
+
+
 def sciq_row(ex, rng):
-    """Options [d1, d2, d3, correct] shuffled by the loader's one generator (official prepare_data.py:1294-1303):
-    slot i shows options[order[i]]; the label is the correct one's slot."""
-    options, order = [ex["distractor1"], ex["distractor2"], ex["distractor3"], ex["correct_answer"]], [0, 1, 2, 3]
+    """Options [d1, d2, d3, correct] shuffled by the loader's one generator (official
+    prepare_data.py:1294-1303): slot i shows options[order[i]]; the label is the correct one's slot."""
+    options = [ex["distractor1"], ex["distractor2"], ex["distractor3"], ex["correct_answer"]]
+    order = [0, 1, 2, 3]
     rng.shuffle(order)
-    return dict(question=ex["question"], **{f"o{i}": options[j] for i, j in enumerate(order)}, label=order.index(3))
+    return dict(question=ex["question"], **{f"o{i}": options[j] for i, j in enumerate(order)},
+                label=order.index(3))
 
 
 def sciq_rng():
@@ -923,58 +992,61 @@ def sciq_rng():
     return rng
 
 
+def qasc_row(ex, rng):
+    options = {f"o{i}": text for i, text in enumerate(ex["choices"]["text"])}
+    return dict(question=ex["question"], **options, label=ex["choices"]["label"].index(ex["answerKey"]))
+
+
+def sciqa_row(ex, rng):
+    return dict(question=ex["question"], answer=f"{ex['support']}\n#### {ex['correct_answer']}")
+
+
 TASKS = {
     "sst2": dict(paper="SST2", hub=("stanfordnlp/sst2", None), splits=("train", "validation"), template=TEXT,
-                 labels=["0", "1"], row=lambda ex, rng: dict(text=ex["sentence"], label=ex["label"])),
-    "finsen": dict(paper="FinS", hub=("takala/financial_phrasebank", "sentences_50agree"), splits=("train", None),
-                   template=TEXT, labels=["0", "1"],  # {0 negative, 2 positive} -> {0, 1}; neutral dropped
-                   row=lambda ex, rng: None if ex["label"] == 1 else dict(text=ex["sentence"], label=ex["label"] // 2)),
-    "poems": dict(paper="PoemS", hub=("google-research-datasets/poem_sentiment", None), splits=(None, "train"),
-                  template=TEXT, labels=["0", "1"],  # negative, positive; no_impact and mixed dropped: 288 left
-                  row=lambda ex, rng: dict(text=ex["verse_text"], label=ex["label"]) if ex["label"] < 2 else None),
+                 labels=["0", "1"]),
+    "finsen": dict(paper="FinS", hub=("takala/financial_phrasebank", "sentences_50agree"),
+                   splits=("train", None), template=TEXT, labels=["0", "1"], row=finsen_row),
+    "poems": dict(paper="PoemS", hub=("google-research-datasets/poem_sentiment", None),
+                  splits=(None, "train"), template=TEXT, labels=["0", "1"], row=poems_row),
     "strategytf": dict(paper="STF", hub=("wics/strategy-qa", None), splits=("test", None), template=QA,
-                       labels=["0", "1"], row=lambda ex, rng: dict(question=ex["question"], label=int(ex["answer"]))),
+                       labels=["0", "1"]),  # answer False, True
     "agnews": dict(paper="AGN", hub=("fancyzhx/ag_news", None), splits=("train", "test"), template=TEXT,
-                   labels=["0", "1", "2", "3"],  # World, Sports, Business, Sci/Tech
-                   row=lambda ex, rng: dict(text=ex["text"], label=ex["label"])),
+                   labels=["0", "1", "2", "3"]),  # World, Sports, Business, Sci/Tech
     "bbcnews": dict(paper="BBCN", hub=("SetFit/bbc-news", None), splits=(None, "test"), template=TEXT,
-                    labels=["0", "1", "2", "3"], row=lambda ex, rng: dict(  # 256 characters, cut at a word boundary
-                        text=ex["text"] if len(ex["text"]) <= 256 else ex["text"][:256].rsplit(" ", 1)[0],
-                        label=BBC.get(ex["label_text"], 0))),
+                    labels=["0", "1", "2", "3"], row=bbcnews_row),
     "sciq_remap": dict(paper="SciQr", hub=("allenai/sciq", None), splits=("train", "validation"),
-                       template=CHOICES(4), labels=SLOTS[:4], row=sciq_row),
-    "qasc_remap": dict(paper="QASCr", hub=("allenai/qasc", None), splits=(None, "validation"), template=CHOICES(8),
-                       labels=SLOTS, row=lambda ex, rng: dict(
-                           question=ex["question"], **{f"o{i}": t for i, t in enumerate(ex["choices"]["text"])},
-                           label=ex["choices"]["label"].index(ex["answerKey"]))),
-    "gsm8k": dict(paper="GSM8K", hub=("openai/gsm8k", "main"), splits=("train", "test"), template=QA, labels=None,
-                  gen=200, row=lambda ex, rng: dict(question=ex["question"], answer=ex["answer"])),
+                       template=choices(4), labels=SLOTS[:4], row=sciq_row),
+    "qasc_remap": dict(paper="QASCr", hub=("allenai/qasc", None), splits=(None, "validation"),
+                       template=choices(8), labels=SLOTS, row=qasc_row),
+    "gsm8k": dict(paper="GSM8K", hub=("openai/gsm8k", "main"), splits=("train", "test"), template=QA,
+                  labels=None, gen=200),
     "gsm8ks": dict(paper="GSM8Ks", hub=("apple/GSM-Symbolic", "main"), splits=(None, "test"), template=QA,
-                   labels=None, gen=200, row=lambda ex, rng: dict(question=ex["question"], answer=ex["answer"])),
-    "hmath_algebra": dict(paper="HMathA", hub=("EleutherAI/hendrycks_math", "algebra"), splits=("train", "test"),
-                          template=QA, labels=None, gen=400,
-                          row=lambda ex, rng: dict(question=ex["problem"], answer=ex["solution"])),
-    "sciqa": dict(paper="SciQ", hub=("allenai/sciq", None), splits=("train", "validation"), template=QA, labels=None,
-                  gen=200, row=lambda ex, rng: dict(question=ex["question"],
-                                                    answer=f"{ex['support']}\n#### {ex['correct_answer']}")),
+                   labels=None, gen=200),
+    "hmath_algebra": dict(paper="HMathA", hub=("EleutherAI/hendrycks_math", "algebra"),
+                          splits=("train", "test"), template=QA, labels=None, gen=400),
+    "sciqa": dict(paper="SciQ", hub=("allenai/sciq", None), splits=("train", "validation"), template=QA,
+                  labels=None, gen=200, row=sciqa_row),
 }
 
 
-# Two of these datasets are still loading scripts, which datasets >= 4.0 no longer runs: they are read from the
-# Hub's own parquet conversion of the same records (branch refs/convert/parquet, one folder per config; README).
+# Two of these datasets are still loading scripts, which datasets >= 4.0 no longer runs: they are read from
+# the Hub's own parquet conversion of the same records (branch refs/convert/parquet, one folder per config;
+# README).
 PARQUET = {"takala/financial_phrasebank": "sentences_50agree", "wics/strategy-qa": "strategyQA"}
 
 
-ALIASES = {"text": ("sentence", "verse_text", "review"), "label": ("sentiment",), "question": ("problem",),
-           "answer": ("solution",)}  # other names a local file may give the template's columns
+ALIASES = {"text": ("sentence", "verse_text", "review"), "label": ("sentiment", "answer"),
+           "question": ("problem",), "answer": ("solution",)}  # the Hub's and other names of the columns
 
 
 def task_table() -> str:
     """--list-tasks."""
-    return "\n".join(["| task | paper | Hub id (config) | pool -> eval split | template | labels |", "|---" * 6 + "|"] + [
-        f"| {n} | {t['paper']} | {' '.join(filter(None, t['hub']))} | {t['splits'][0] or 'none (eval only)'} -> "
-        f"{t['splits'][1] or 'its last records'} | {t['template']!r} | {' '.join(t['labels'] or ['answer + EOS'])} |"
-        for n, t in TASKS.items()])
+    lines = ["| task | paper | Hub id (config) | pool -> eval split | template | labels |", "|---" * 6 + "|"]
+    for n, t in TASKS.items():
+        splits = f"{t['splits'][0] or 'none (eval only)'} -> {t['splits'][1] or 'its last records'}"
+        hub, labels = " ".join(filter(None, t["hub"])), " ".join(t["labels"] or ["answer + EOS"])
+        lines.append(f"| {n} | {t['paper']} | {hub} | {splits} | {t['template']!r} | {labels} |")
+    return "\n".join(lines)
 
 
 def make_prompt(x: str, demos=()) -> str:
@@ -996,8 +1068,8 @@ def load_task(cfg: Config, name: str, labels, path=None):
         recs = shuffled(examples(task, list(enumerate(read_file(path), 1)), labels, path))
         n_eval = len(recs) if pool_split is None else min(cfg.eval_size, len(recs) // 2)
         if pool_split and n_eval < cfg.eval_size:
-            warn(f"{path} has {len(recs)} usable rows: its last {n_eval} (at most half) are the eval set, not "
-                 f"--eval-size {cfg.eval_size}")
+            warn(f"{path} has {len(recs)} usable rows: its last {n_eval} (at most half) are the eval set, "
+                 f"not --eval-size {cfg.eval_size}")
         return recs[:len(recs) - n_eval][:cfg.pool_size], recs[len(recs) - n_eval:]
     if eval_split:  # the pool's records first, then the eval set's (sciq_remap: one generator)
         pool = hub_records(task, name, pool_split, labels, rng, cfg.pool_size) if pool_split else []
@@ -1010,7 +1082,7 @@ def load_task(cfg: Config, name: str, labels, path=None):
 
 
 def shuffled(recs: list) -> list:
-    return [recs[i] for i in np.random.default_rng(42).permutation(len(recs))]  # = datasets' .shuffle(seed=42)
+    return [recs[i] for i in np.random.default_rng(42).permutation(len(recs))]  # = .shuffle(seed=42)
 
 
 def hub_records(task: dict, name: str, split: str, labels, rng=None, limit=None) -> list:
@@ -1018,15 +1090,17 @@ def hub_records(task: dict, name: str, split: str, labels, rng=None, limit=None)
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     repo, config = task["hub"]
-    where = dict(revision="refs/convert/parquet", data_dir=PARQUET[repo]) if repo in PARQUET else dict(name=config)
+    where = dict(name=config)
+    if repo in PARQUET:
+        where = dict(revision="refs/convert/parquet", data_dir=PARQUET[repo])
     try:
         recs = list(enumerate(datasets.load_dataset(repo, split=split, **where).to_list(), 1))
     except Exception as e:
-        raise IA2Error(f"cannot load {repo} for task {name} from the Hub: {str(e).strip().splitlines()[0]}; pass "
-                       f"a local copy instead: --data {name}=FILE")
+        raise IA2Error(f"cannot load {repo} for task {name} from the Hub: {str(e).strip().splitlines()[0]}; "
+                       f"pass a local copy instead: --data {name}=FILE")
     if name == "poems":  # filtered first, then shuffled (prepare_data.py:914-915)
         return shuffled(examples(task, recs, labels, split, task["row"]))[:limit]
-    return examples(task, shuffled(recs), labels, split, task["row"], rng, limit)
+    return examples(task, shuffled(recs), labels, split, task.get("row"), rng, limit)
 
 
 def read_file(path: str) -> list:
@@ -1044,26 +1118,29 @@ def read_file(path: str) -> list:
             if ext in (".csv", ".tsv"):
                 return list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
             text = f.read()
-        return json.loads(text) if text.lstrip().startswith("[") else [json.loads(s) for s in text.splitlines() if s.strip()]
+        if text.lstrip().startswith("["):
+            return json.loads(text)  # .json: a list of objects
+        return [json.loads(line) for line in text.splitlines() if line.strip()]  # .jsonl: an object a line
     except (OSError, ValueError, csv.Error) as e:  # ValueError: JSON, Unicode and Arrow errors
         raise IA2Error(f"cannot read {path}: {str(e).splitlines()[0]}")
 
 
 def examples(task: dict, recs: list, labels, where: str, row=None, rng=None, limit=None) -> list:
-    """(row number, record) -> (X, y), until `limit` are kept. A Hub record goes through the task's `row`; a
-    local one holds the template's fields and label (or answer), under their names or ALIASES. An empty cell
-    or an unknown label stops the run, naming the row."""
-    need = [f for _, f, _, _ in string.Formatter().parse(task["template"]) if f] + ["label" if labels else "answer"]
-    find = lambda rec, f: next((c for c in (f,) + ALIASES.get(f, ()) if c in rec), f)
+    """(row number, record) -> (X, y), until `limit` are kept. A record holds the template's fields and label
+    (or answer), under their names or ALIASES, or goes through the task's `row`. An empty cell or an unknown
+    label stops the run, naming the row."""
+    need = [f for _, f, _, _ in string.Formatter().parse(task["template"]) if f]
+    need.append("label" if labels else "answer")
     if not recs or not all(isinstance(r, dict) for _, r in recs):
         raise IA2Error(f"{where}: no records (a header and one row per example, or one JSON object per line)")
-    if row is None and not all(find(recs[0][1], f) in recs[0][1] for f in need):
-        raise IA2Error(f"{where} needs columns {', '.join(map(repr, need))}, found {', '.join(map(repr, recs[0][1]))}")
+    if row is None and not all(column(recs[0][1], f) in recs[0][1] for f in need):
+        raise IA2Error(f"{where} needs columns {', '.join(map(repr, need))}, found "
+                       f"{', '.join(map(repr, recs[0][1]))}")
     out = []
     for i, rec in recs:
         if len(out) == limit:
             break
-        rec = row(rec, rng) if row else {f: rec.get(find(rec, f)) for f in need}  # rng: sciq_remap's options
+        rec = row(rec, rng) if row else {f: rec.get(column(rec, f)) for f in need}  # rng: sciq_remap's
         if rec is None:
             continue  # a record the task drops (FinS neutral, PoemS mixed)
         for f in need[:-1] + ([] if labels else ["answer"]):
@@ -1072,34 +1149,42 @@ def examples(task: dict, recs: list, labels, where: str, row=None, rng=None, lim
         y = label_index(rec["label"], labels, f"{where}, row {i}") if labels else rec["answer"]
         out.append((task["template"].format(**rec), y))
     if labels and len({y for _, y in out}) == 1:
-        warn(f"{where}: every example has label {labels[out[0][1]]!r}; accuracy cannot tell a method from always "
-             "answering it")
+        warn(f"{where}: every example has label {labels[out[0][1]]!r}; accuracy cannot tell a method from "
+             "always answering it")
     return out
+
+
+def column(rec: dict, field: str) -> str:
+    """The record's column for a field of the template: the field's name, else one of its ALIASES."""
+    return next((c for c in (field,) + ALIASES.get(field, ()) if c in rec), field)
 
 
 def label_index(v, labels: list, where: str) -> int:
     """A label cell: one of the label strings (surrounding spaces ignored) or its index 0..n-1."""
     names = [label.strip() for label in labels]
-    s = str(int(v)) if isinstance(v, (bool, float)) and float(v).is_integer() else str(v).strip()  # True, 1.0 -> "1"
+    s = str(v).strip()
+    if isinstance(v, (bool, float)) and float(v).is_integer():
+        s = str(int(v))  # True, 1.0 -> "1"
     if s in names:
         return names.index(s)
     if s.isdigit() and int(s) < len(labels):
         return int(s)
-    raise IA2Error(f"{where}: label {v!r} is neither a label string ({' '.join(map(repr, labels))}) nor an index "
-                   f"0..{len(labels) - 1}" + (" (the cell is empty)" if s in ("", "None", "nan") else ""))
+    empty = " (the cell is empty)" if s in ("", "None", "nan") else ""
+    raise IA2Error(f"{where}: label {v!r} is neither a label string ({' '.join(map(repr, labels))}) nor an "
+                   f"index 0..{len(labels) - 1}{empty}")
 
 
 def few_shot_split(pool: list, n: int, seed: int):
-    """Run r, with one RandomState(r) as in the official create_training_datasets.py: permute the pool; train =
-    the first N, dev = the next min(48, N//2), rest = the ICL-evaluation demos. The same generator then
+    """Run r, with one RandomState(r) as in the official create_training_datasets.py: permute the pool; train
+    = the first N, dev = the next min(48, N//2), rest = the ICL-evaluation demos. The same generator then
     shuffles, for each training query i, the other N-1 training indices: its demos, in that order."""
     rng = np.random.RandomState(seed)
     perm, n_dev, orders = rng.permutation(len(pool)), min(48, n // 2), []
     for i in range(n):
         orders.append([j for j in range(n) if j != i])
         rng.shuffle(orders[-1])
-    pick = lambda idx: [pool[i] for i in idx]
-    return pick(perm[:n]), pick(perm[n:n + n_dev]), pick(perm[n + n_dev:]), orders
+    train, dev, rest = ([pool[i] for i in idx] for idx in (perm[:n], perm[n:n + n_dev], perm[n + n_dev:]))
+    return train, dev, rest, orders
 
 
 def encode(tok, prompt: str) -> list:
@@ -1112,18 +1197,20 @@ def training_items(tok, labels, train: list, dev: list, orders: list):
     shots = [x + answer_text(labels, y) for x, y in train]
 
     def item(j, x, y):
-        y_ids = tok(answer_text(labels, y), add_special_tokens=False).input_ids + [tok.eos_token_id] * (not labels)
-        return dict(x=encode(tok, x), y=y, y_ids=y_ids, icl=encode(tok, make_prompt(x, [shots[k] for k in orders[j]])))
+        y_ids = tok(answer_text(labels, y), add_special_tokens=False).input_ids
+        demos = [shots[k] for k in orders[j]]
+        return dict(x=encode(tok, x), y=y, y_ids=y_ids + [tok.eos_token_id] * (not labels),
+                    icl=encode(tok, make_prompt(x, demos)))
     return [item(j, x, y) for j, (x, y) in enumerate(train)], [item(j, x, y) for j, (x, y) in enumerate(dev)]
 
 
 def icl_eval_prompts(tok, labels, demos_pool: list, eval_set: list, k: int, seed: int) -> list:
-    """ICL evaluation: k = N-1 demos per query drawn from the held-out rest of the pool with RandomState(r). For
-    an OOD task the pool and `labels` are the source task's, the queries the OOD task's (§5)."""
+    """ICL evaluation: k = N-1 demos per query drawn from the held-out rest of the pool with RandomState(r).
+    For an OOD task the pool and `labels` are the source task's, the queries the OOD task's (§5)."""
     rng, prompts = np.random.RandomState(seed), []
     for x, _ in eval_set:
-        demos = [demos_pool[i][0] + answer_text(labels, demos_pool[i][1]) for i in rng.choice(len(demos_pool), k,
-                                                                                            replace=False)]
+        drawn = rng.choice(len(demos_pool), k, replace=False)
+        demos = [demos_pool[i][0] + answer_text(labels, demos_pool[i][1]) for i in drawn]
         prompts.append(encode(tok, make_prompt(x, demos)))
     return prompts
 
@@ -1139,12 +1226,13 @@ def set_seed(seed: int):
 
 
 def pick_device(name: str, dtype: str = "auto"):
-    """The device and the base model's dtype. auto: bf16 on a GPU with native bf16 (compute capability >= 8: A100,
-    H100, RTX 30xx on); fp32 on older GPUs (T4, V100: bf16 is emulated there, slowly, and fp16's range overflows in
-    some models' activations), on a Mac and on a CPU."""
+    """The device and the base model's dtype. auto: bf16 on a GPU with native bf16 (compute capability >= 8:
+    A100, H100, RTX 30xx on); fp32 on older GPUs (T4, V100: bf16 is emulated there, slowly, and fp16's range
+    overflows in some models' activations), on a Mac and on a CPU."""
+    available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        name = next(d for d, ok in available.items() if ok)
+    if not available[name]:
         raise IA2Error(f"--device {name}: torch sees no {name.upper()} device")
     if dtype == "auto":
         native_bf16 = name == "cuda" and torch.cuda.get_device_capability()[0] >= 8
@@ -1152,7 +1240,7 @@ def pick_device(name: str, dtype: str = "auto"):
     return torch.device(name), getattr(torch, dtype)
 
 
-Task = collections.namedtuple("Task", "name spec labels label_ids pool eval_set queries gold")  # a task as a run uses it
+Task = collections.namedtuple("Task", "name spec labels label_ids pool eval_set queries gold")  # in a run
 Setup = collections.namedtuple("Setup", "cfg tok model task evals")  # what the run shares; task: --task's
 
 
@@ -1162,8 +1250,9 @@ def setup(cfg: Config) -> Setup:
     names, multi = list(dict.fromkeys(cfg.eval_tasks or [cfg.task])), TASKS[cfg.task]["labels"] is None
     tasks, files = list(dict.fromkeys([cfg.task] + names)), {}
     if any((TASKS[n]["labels"] is None) != multi for n in names) or cfg.labels and multi:
-        raise IA2Error(f"--eval-tasks, --labels: {cfg.task} is a {'multi' if multi else 'single'}-token task, so must "
-                       "the eval tasks be, and --labels is for single-token tasks")
+        kind = "multi" if multi else "single"
+        raise IA2Error(f"--eval-tasks, --labels: {cfg.task} is a {kind}-token task, so must the eval tasks "
+                       "be, and --labels is for single-token tasks")
     for d in [cfg.data] if isinstance(cfg.data, str) else cfg.data or ():  # FILE or TASK=FILE
         name, path = d.split("=", 1) if d.split("=", 1)[0] in TASKS else (cfg.task, d)
         if name not in tasks:
@@ -1174,9 +1263,10 @@ def setup(cfg: Config) -> Setup:
     if any(len(labels[n] or []) != len(TASKS[n]["labels"] or []) for n in tasks):
         raise IA2Error(f"--labels {' '.join(cfg.labels)}: a task of this run has another number of labels")
     data = {n: load_task(cfg, n, labels[n], files.get(n)) for n in tasks}
-    if len(data[cfg.task][0]) < 2 * cfg.n_train + min(48, cfg.n_train // 2) - 1:
-        raise IA2Error(f"--n-train {cfg.n_train} needs {2 * cfg.n_train + min(48, cfg.n_train // 2) - 1} pool "
-                       f"examples (N train, min(48, N//2) dev, N-1 demos), the data has {len(data[cfg.task][0])}")
+    need = 2 * cfg.n_train + min(48, cfg.n_train // 2) - 1
+    if len(data[cfg.task][0]) < need:
+        raise IA2Error(f"--n-train {cfg.n_train} needs {need} pool examples (N train, min(48, N//2) dev, N-1 "
+                       f"demos), the data has {len(data[cfg.task][0])}")
     device, dtype = pick_device(cfg.device, cfg.dtype)
     tok = load_tokenizer(cfg.model)
     label_ids = {n: label_tokens(tok, labels[n]) for n in tasks if labels[n]}
@@ -1185,8 +1275,11 @@ def setup(cfg: Config) -> Setup:
     check_tokenizer(tok, [x for x, _ in data[cfg.task][1][:20]])
     model = load_model(cfg.model, tok, device, dtype)
     add_adapters(model, cfg)
-    view = {n: Task(n, TASKS[n], labels[n], label_ids.get(n), *data[n], [encode(tok, x) for x, _ in data[n][1]],
-                    np.array([y for _, y in data[n][1]], dtype=int if labels[n] else object)) for n in tasks}
+    view = {}
+    for n, (pool, eval_set) in data.items():
+        gold = np.array([y for _, y in eval_set], dtype=int if labels[n] else object)
+        view[n] = Task(n, TASKS[n], labels[n], label_ids.get(n), pool, eval_set,
+                       [encode(tok, x) for x, _ in eval_set], gold)
     return Setup(cfg, tok, model, view[cfg.task], [view[n] for n in names])
 
 
@@ -1198,18 +1291,18 @@ def check_hub(cfg: Config, tasks: list, files: dict):
         return  # the libraries then use the Hub cache, and fail at once without it
     if not missing and os.path.isdir(cfg.model):
         return
+    hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:  # a 3-second look at the Hub, instead of minutes of retries
-        urllib.request.urlopen(urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
-                                                      method="HEAD"), timeout=3)
+        urllib.request.urlopen(urllib.request.Request(hub, method="HEAD"), timeout=3)
     except urllib.error.HTTPError:
         return  # it answered
     except OSError:  # no route, no name, refused, timed out
         need = [] if os.path.isdir(cfg.model) else ["--model FOLDER (a local copy of the model)"]
         if missing:  # one task: --data FILE; several: --data TASK=FILE for each
-            need.append("--data " + ("FILE" if tasks == [cfg.task] else " ".join(f"{n}={files.get(n, 'FILE')}"
-                                                                                  for n in tasks)))
-        raise IA2Error(f"the Hugging Face Hub cannot be reached: pass {' and '.join(need)}, or set HF_HUB_OFFLINE=1 "
-                       "HF_DATASETS_OFFLINE=1 to use what your Hub cache already holds")
+            files = "FILE" if tasks == [cfg.task] else " ".join(f"{n}={files.get(n, 'FILE')}" for n in tasks)
+            need.append("--data " + files)
+        raise IA2Error(f"the Hugging Face Hub cannot be reached: pass {' and '.join(need)}, or set "
+                       "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 to use what your Hub cache already holds")
 
 
 def load_tokenizer(name: str):
@@ -1220,8 +1313,8 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise IA2Error(f"cannot load model {name!r} ({str(e).splitlines()[0]})" + (
-            "" if os.path.isdir(name) else "; offline, pass a local copy: --model FOLDER"))
+        hint = "" if os.path.isdir(name) else "; offline, pass a local copy: --model FOLDER"
+        raise IA2Error(f"cannot load model {name!r} ({str(e).splitlines()[0]}){hint}")
 
 
 def load_model(name: str, tok, device, dtype):
@@ -1240,8 +1333,8 @@ def label_tokens(tok, labels: list) -> list:
     ids = [tok(s, add_special_tokens=False).input_ids for s in labels]
     for s, t in zip(labels, ids):
         if len(t) != 1:
-            raise IA2Error(f"label {s!r} is {len(t)} tokens for this tokenizer ({t}); single-token tasks need one "
-                           "token per label: choose other --labels")
+            raise IA2Error(f"label {s!r} is {len(t)} tokens for this tokenizer ({t}); single-token tasks "
+                           "need one token per label: choose other --labels")
     if len({t[0] for t in ids}) < len(ids):
         raise IA2Error(f"labels {labels} do not map to distinct tokens ({ids})")
     return [t[0] for t in ids]
@@ -1251,8 +1344,8 @@ def check_tokenizer(tok, prompts: list):
     """Warn when the tokenizer reads about one character per token (a broken conversion, e.g. of some GGUF
     tokenizers in some transformers versions): every result would be meaningless."""
     if sum(len(encode(tok, p)) for p in prompts) > 0.75 * sum(map(len, prompts)):
-        warn(f"the tokenizer reads the prompts about one character per token: it is probably broken, and every "
-             "result would be meaningless; check tok.tokenize(prompt)")
+        warn("the tokenizer reads the prompts about one character per token: it is probably broken, and "
+             "every result would be meaningless; check tok.tokenize(prompt)")
 
 
 def evaluate(S: Setup, ev: Task, prompt_sets: list, slots=None, show=0, tag="") -> list:
@@ -1262,18 +1355,19 @@ def evaluate(S: Setup, ev: Task, prompt_sets: list, slots=None, show=0, tag="") 
     rows = None if slots is None else [k for k in slots for _ in range(n)]
     if ev.labels:
         pred = predict(S.model, seqs, ev.label_ids, rows)
-        return [metrics([x[j * n:(j + 1) * n] for x in pred], ev.gold, S.tok, ev.labels) for j in range(len(prompt_sets))]
+        return [metrics([x[j * n:(j + 1) * n] for x in pred], ev.gold, S.tok, ev.labels)
+                for j in range(len(prompt_sets))]
     texts = generate_texts(S.model, S.tok, seqs, S.cfg.max_new_tokens or ev.spec["gen"], rows)
     pred, gold = [parse_answer(ev.name, t) for t in texts], [parse_answer(ev.name, y) for y in ev.gold]
     for i in range(show):
         print(f"[{tag}] example {i}: ...{texts[i][-160:]!r} -> {pred[i]!r} (gold {gold[i]!r})")
-    return [dict(accuracy=100 * float(np.mean([p is not None and p == g for p, g in zip(pred[j * n:], gold)])))
-            for j in range(len(prompt_sets))]
+    right = [p is not None and p == g for p, g in zip(pred, gold * len(prompt_sets))]
+    return [dict(accuracy=100 * float(np.mean(right[j * n:(j + 1) * n]))) for j in range(len(prompt_sets))]
 
 
 def draw_runs(S: Setup) -> list:
-    """Run r: N training and min(48, N//2) dev examples and the held-out demo pool, drawn with RandomState(seed
-    + r); then the teacher, once, for every run's training and dev examples."""
+    """Run r: N training and min(48, N//2) dev examples and the held-out demo pool, drawn with
+    RandomState(seed + r); then the teacher, once, for every run's training and dev examples."""
     runs = []
     for r in range(S.cfg.runs):
         train, dev, rest, orders = few_shot_split(S.task.pool, S.cfg.n_train, S.cfg.seed + r)
@@ -1283,65 +1377,90 @@ def draw_runs(S: Setup) -> list:
         T = 1 if S.task.labels else S.cfg.max_new_tokens or 200  # §3: T=1 single-token, G=200 multi-token
         teacher(S.model, [it for run in runs for it in run["train"] + run["dev"]], T, S.tok.eos_token_id,
                 scores="kd" in S.cfg.methods)
-        right = (lambda it: it["y_icl"][0] == it["y_ids"][0]) if S.task.labels else (lambda it: parse_answer(
-            S.task.name, answer_of(S.tok, it["y_icl"])) == parse_answer(S.task.name, it["y"]))
         for run in runs:
             T_mean = float(np.mean([len(it["y_icl"]) for it in run["train"] + run["dev"]]))
-            print(f"[run {run['r']}] teacher: {T_mean:.0f} token{'s' * (T_mean != 1)} per rollout; ICL answers on "
-                  f"the training examples: {sum(map(right, run['train']))}/{len(run['train'])} correct")
+            right = sum(teacher_is_right(S, it) for it in run["train"])
+            print(f"[run {run['r']}] teacher: {T_mean:.0f} token{'s' * (T_mean != 1)} per rollout; ICL "
+                  f"answers on the training examples: {right}/{len(run['train'])} correct")
     return runs
 
 
+def teacher_is_right(S: Setup, it: dict) -> bool:
+    """Whether the teacher's answer Ŷ is the ground truth: the label's token, or the same parsed answer."""
+    if S.task.labels:
+        return it["y_icl"][0] == it["y_ids"][0]
+    return parse_answer(S.task.name, answer_of(S.tok, it["y_icl"])) == parse_answer(S.task.name, it["y"])
+
+
 def run_method(S: Setup, m: str, runs: list, ia2_states: dict, folder: str, rows: list):
-    """Appends m's rows to rows as each finishes (Ctrl-C keeps them). zero_shot: the base model, once; icl: with
-    N-1 held-out demos per query, once per run; a trained method: every (lr, β, run) adapter trained at once, then
-    evaluated at once on every eval task and saved; ia2_then_sft(_icl) continues the IA2 adapter of its (lr, run)."""
+    """Appends m's rows to rows as each finishes (Ctrl-C keeps them). zero_shot: the base model, once; icl:
+    with N-1 held-out demos per query, once per run; a trained method: every (lr, β, run) adapter trained at
+    once, then evaluated at once on every eval task and saved; ia2_then_sft(_icl) continues the IA2 adapter of
+    its (lr, run)."""
     cfg = S.cfg
     if m in ("zero_shot", "icl"):
         with without_adapters(S.model):
             for ev in S.evals:
-                sets = [ev.queries] if m == "zero_shot" else [icl_eval_prompts(
-                    S.tok, S.task.labels, run["rest"], ev.eval_set, cfg.n_train - 1, cfg.seed + run["r"]) for run in runs]
-                rows += [dict(task=ev.name, method=m, lr=None, beta=None, run=r, **x) for r, x in
-                         enumerate(evaluate(S, ev, sets, show=2, tag=f"{m}{' run 0' * (m == 'icl')} on {ev.name}"))]
+                sets = [ev.queries] if m == "zero_shot" else [
+                    icl_eval_prompts(S.tok, S.task.labels, run["rest"], ev.eval_set, cfg.n_train - 1,
+                                     cfg.seed + run["r"]) for run in runs]
+                tag = f"{m}{' run 0' * (m == 'icl')} on {ev.name}"
+                for r, x in enumerate(evaluate(S, ev, sets, show=2, tag=tag)):
+                    rows.append(dict(task=ev.name, method=m, lr=None, beta=None, run=r, **x))
         return
-    jobs = [Job(lr, run["r"], run["train"], run["dev"], beta, ia2_states.get((lr, run["r"])) if "then" in m else None)
-            for lr in cfg.lr for beta in (cfg.beta if m == "ia2_plus_sft" else [None]) for run in runs]
-    name = lambda job: f"{m} lr={job.lr:g}" + (f" β={job.beta:g}" if job.beta is not None else "") + f" run {job.run}"
-    train(S.model, OBJECTIVE[m], jobs, cfg, name)
+    jobs = []
+    for lr in cfg.lr:
+        for beta in cfg.beta if m == "ia2_plus_sft" else [None]:
+            for run in runs:
+                start = ia2_states.get((lr, run["r"])) if "then" in m else None  # IA2→SFT: its IA2 adapter
+                jobs.append(Job(lr, run["r"], run["train"], run["dev"], beta, start))
+    tag = functools.partial(job_name, m)
+    train(S.model, OBJECTIVE[m], jobs, cfg, tag)
     if m == "ia2":
         ia2_states.update({(job.lr, job.run): adapter_state(S.model, k) for k, job in enumerate(jobs)})
-    for ev in S.evals if m in cfg.methods else []:  # else only the IA2 phase of ia2_then_sft(_icl)
-        for job, x in zip(jobs, evaluate(S, ev, [ev.queries] * len(jobs), list(range(len(jobs))), 2,
-                                         f"{name(jobs[0])} on {ev.name}")):
-            rows.append(dict(task=ev.name, method=m, lr=job.lr, beta=job.beta, run=job.run, **x, dev_loss=job.best,
-                             steps=job.steps))
-            print(f"[{name(job)}] {ev.name}: acc {x['accuracy']:.1f}" + (f" | ece {x['ece']:.3f}" if "ece" in x else "")
-                  + f" | best dev {job.best:.4f} | {job.steps} steps")
-    for k, job in enumerate(jobs if m in cfg.methods else []):
+    if m not in cfg.methods:
+        return  # only the IA2 phase of ia2_then_sft(_icl)
+    for ev in S.evals:
+        sets, slots = [ev.queries] * len(jobs), list(range(len(jobs)))
+        for job, x in zip(jobs, evaluate(S, ev, sets, slots, 2, f"{tag(jobs[0])} on {ev.name}")):
+            rows.append(dict(task=ev.name, method=m, lr=job.lr, beta=job.beta, run=job.run, **x,
+                             dev_loss=job.best, steps=job.steps))
+            ece = f" | ece {x['ece']:.3f}" if "ece" in x else ""
+            print(f"[{tag(job)}] {ev.name}: acc {x['accuracy']:.1f}{ece} | best dev {job.best:.4f} | "
+                  f"{job.steps} steps")
+    for k, job in enumerate(jobs):
         save_adapter(S.model, adapter_dir(folder, m, job.lr, job.beta, job.run), cfg, k)
 
 
+def job_name(m: str, job: Job) -> str:
+    beta = "" if job.beta is None else f" β={job.beta:g}"
+    return f"{m} lr={job.lr:g}{beta} run {job.run}"
+
+
 def adapter_dir(folder: str, method: str, lr: float, beta, run: int) -> str:
-    return os.path.join(folder, "adapters", method, f"lr{lr:g}" + (f"-beta{beta:g}" if beta is not None else ""),
-                        f"run{run}")
+    setting = f"lr{lr:g}" + ("" if beta is None else f"-beta{beta:g}")
+    return os.path.join(folder, "adapters", method, setting, f"run{run}")
 
 
 def summarize(rows: list) -> dict:
-    """One eval task's rows -> per method, the mean and population std (ddof=0) over runs at the setting (lr, β)
-    with the best mean top-1 accuracy on the eval set, as the paper selects (the first of equals, as the
+    """One eval task's rows -> per method, the mean and population std (ddof=0) over runs at the setting (lr,
+    β) with the best mean top-1 accuracy on the eval set, as the paper selects (the first of equals, as the
     official code); the runs there; and the lr of the lowest mean dev loss at that β, with its results."""
     out = {}
     for m in METHODS:
-        by = collections.defaultdict(list)
+        by = collections.defaultdict(list)  # (lr, β) -> the runs' rows
         for x in (x for x in rows if x["method"] == m):
-            by[x["lr"], x["beta"]].append({k: v for k, v in x.items() if k not in ("task", "method", "lr", "beta")})
+            by[x["lr"], x["beta"]].append({k: v for k, v in x.items() if k not in ("task", "method", "lr",
+                                                                                    "beta")})
+        if not by:
+            continue
         stat = {s: stats(runs) for s, runs in by.items()}
-        if by:
-            best = max(by, key=lambda s: stat[s]["mean"]["accuracy"])
-            dev = min((s for s in by if s[1] == best[1]), key=lambda s: np.mean([x.get("dev_loss", 0) for x in by[s]]))
-            out[m] = dict(stat[best], lr=best[0], beta=best[1], runs=by[best], dev_selected=dict(stat[dev], lr=dev[0]),
-                          settings={setting_name(*s): stat[s] for s in by})
+        best = max(by, key=lambda s: stat[s]["mean"]["accuracy"])
+        dev_loss = {s: np.mean([x.get("dev_loss", 0) for x in by[s]]) for s in by if s[1] == best[1]}
+        dev = min(dev_loss, key=dev_loss.get)
+        dev_selected = dict(stat[dev], lr=dev[0])
+        out[m] = dict(stat[best], lr=best[0], beta=best[1], runs=by[best], dev_selected=dev_selected,
+                      settings={setting_name(*s): stat[s] for s in by})
     return out
 
 
@@ -1356,7 +1475,9 @@ def stats(runs: list) -> dict:
 
 
 def setting_name(lr, beta=None) -> str:
-    return "–" if lr is None else f"{lr:g}" + ("" if beta is None else f", β {beta:g}")
+    if lr is None:
+        return "–"
+    return f"{lr:g}" + ("" if beta is None else f", β {beta:g}")
 
 
 def majority(labels: list, gold: np.ndarray) -> dict:
@@ -1366,28 +1487,37 @@ def majority(labels: list, gold: np.ndarray) -> dict:
 
 
 def table(results: dict, ev: Task) -> str:
-    """One eval task's table: the majority-class row, then each method's metrics, what it answers (a method that
-    gives one answer to every example in some run is marked) and the dev-selected lr."""
-    pm = lambda r, k, f="{:.1f}": f"{f.format(r['mean'][k])} ± {f.format(r['std'][k])}" if k in r["mean"] else "–"
-    lines = [f"| method | lr (β) | accuracy | label acc. | ECE | ECE (equal width) | lr (dev-selected) | accuracy "
-             f"(dev-selected) | answers {'/'.join((ev.labels or []) + ['other'])} (%) |", "|---" * 9 + "|"]
+    """One eval task's table: the majority-class row, then each method's metrics, what it answers (a method
+    that gives one answer to every example in some run is marked) and the dev-selected lr."""
+    answers = "/".join((ev.labels or []) + ["other"])
+    lines = ["| method | lr (β) | accuracy | label acc. | ECE | ECE (equal width) | lr (dev-selected) | "
+             f"accuracy (dev-selected) | answers {answers} (%) |", "|---" * 9 + "|"]
     if ev.labels:
         maj = majority(ev.labels, ev.gold)
-        lines.append(f"| majority class (always {maj['label']!r}) | – | {maj['accuracy']:.1f} | {maj['accuracy']:.1f} | – | – "
-                     "| – | – | "
-                     + "/".join("100" if x == maj["label"] else "0" for x in ev.labels) + "/0 |")
+        always = "/".join("100" if x == maj["label"] else "0" for x in ev.labels)
+        lines.append(f"| majority class (always {maj['label']!r}) | – | {maj['accuracy']:.1f} | "
+                     f"{maj['accuracy']:.1f} | – | – | – | – | {always}/0 |")
     for m, r in results.items():
-        dev = [setting_name(r["dev_selected"]["lr"]), pm(r["dev_selected"], "accuracy")] if m in TRAINED else ["–"] * 2
-        n = len(r["runs"])
-        answers = "/".join(f"{p:.0f}" for p in r["predicted"]) + (
-            f" **one answer in {r['one_answer_runs']}/{n} run{'s' * (n > 1)}**" * (r["one_answer_runs"] > 0))
-        lines.append(f"| {m} | {setting_name(r['lr'], r['beta'])} | {pm(r, 'accuracy')} | {pm(r, 'label_accuracy')} | "
-                     f"{pm(r, 'ece', '{:.3f}')} | {pm(r, 'ece_equal_width', '{:.3f}')} | {' | '.join(dev)} | "
-                     f"{answers if ev.labels else '–'} |")
-    return "\n".join(lines) + ("\n\ntop-1 accuracy and label accuracy in %, ECE as a fraction" if ev.labels else
-                               "\n\naccuracy: exact match of the parsed answer, in %") + (
-        "; mean ± std over runs. lr (β): selected on the eval set by mean accuracy, as the paper does; dev-selected: "
-        "the lowest mean dev loss. answers: how often the top-1 token is each label or another one.")
+        dev = ["–", "–"]
+        if m in TRAINED:
+            dev = [setting_name(r["dev_selected"]["lr"]), mean_std(r["dev_selected"], "accuracy")]
+        n, answers = len(r["runs"]), "–"
+        if ev.labels:
+            answers = "/".join(f"{p:.0f}" for p in r["predicted"])
+            if r["one_answer_runs"]:
+                answers += f" **one answer in {r['one_answer_runs']}/{n} run{'s' * (n > 1)}**"
+        lines.append(f"| {m} | {setting_name(r['lr'], r['beta'])} | {mean_std(r, 'accuracy')} | "
+                     f"{mean_std(r, 'label_accuracy')} | {mean_std(r, 'ece', '{:.3f}')} | "
+                     f"{mean_std(r, 'ece_equal_width', '{:.3f}')} | {' | '.join(dev)} | {answers} |")
+    what = ("top-1 accuracy and label accuracy in %, ECE as a fraction" if ev.labels else
+            "accuracy: exact match of the parsed answer, in %")
+    return "\n".join(lines) + (f"\n\n{what}; mean ± std over runs. lr (β): selected on the eval set by mean "
+                               "accuracy, as the paper does; dev-selected: the lowest mean dev loss. "
+                               "answers: how often the top-1 token is each label or another one.")
+
+
+def mean_std(r: dict, k: str, f="{:.1f}") -> str:
+    return f"{f.format(r['mean'][k])} ± {f.format(r['std'][k])}" if k in r["mean"] else "–"
 
 
 class Terminated(KeyboardInterrupt):
@@ -1411,41 +1541,23 @@ def run_experiment(cfg: Config) -> list:
     methods = [m for m in METHODS if m in cfg.methods]
     if "ia2" not in methods and {"ia2_then_sft", "ia2_then_sft_icl"} & set(methods):
         methods.insert(methods.index(next(m for m in methods if "then" in m)), "ia2")  # their first phase
-    n = cfg.runs * len(cfg.lr) * sum(len(cfg.beta) if m == "ia2_plus_sft" else 1 for m in methods if m in TRAINED)
-    print(f"plan: {n} adapters ({', '.join(m for m in methods if m in TRAINED)} x {len(cfg.lr)} lr x {cfg.runs} runs"
-          + f", ia2_plus_sft x {len(cfg.beta)} β" * ("ia2_plus_sft" in methods) + f"; at most {cfg.epochs} epochs; a "
-          f"method's adapters train together), evaluated on {', '.join(f'{len(ev.gold)} {ev.name}' for ev in S.evals)} "
-          "examples, as are zero-shot and ICL")
+    print_plan(S, methods)
     if finished:
-        print(f"resuming {tmp}/: {', '.join(finished)} finished there (their rows and adapters are kept, not redone)")
+        print(f"resuming {tmp}/: {', '.join(finished)} finished there (their rows and adapters are kept, not "
+              "redone)")
     write_config(S, tmp)
-    first = next((m for m in methods if m in TRAINED and m not in finished), None)
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        tick, ia2_states = time.time(), {}
-        runs = draw_runs(S)
-        timing["teacher"] = time.time() - tick
-        for m in methods:
-            tick = time.time()
-            if m in finished:
-                if m == "ia2":  # the start of ia2_then_sft(_icl): the saved IA2 adapters
-                    ia2_states.update({(lr, r["r"]): read_adapter(adapter_dir(tmp, m, lr, None, r["r"]))
-                                       for lr in cfg.lr for r in runs})
-                continue
-            run_method(S, m, runs, ia2_states, tmp, rows)
-            timing[m] = time.time() - tick
-            left = timing[m] * sum(x in TRAINED and x not in finished for x in methods[methods.index(m) + 1:])
-            if m == first and left:  # after the first trained method: its time times the methods to come
-                print(f"estimate: {m} took {timing[m]:.0f} s; the other trained methods should take about "
-                      f"{f'{left:.0f} s' if left < 120 else f'{left / 60:.0f} min'} more here (early stopping varies)")
+        run_methods(S, methods, finished, tmp, rows, timing)
     except KeyboardInterrupt as e:
         write_outputs(S, tmp, rows, dict(timing, total=time.time() - t0), interrupted=True)
-        print(f"ia2.py: {'stopped by SIGTERM' if isinstance(e, Terminated) else 'interrupted'}; the adapters and "
-              f"results finished so far are in {tmp}/, and the same command resumes it", file=sys.stderr)
+        what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"ia2.py: {what}; the adapters and results finished so far are in {tmp}/, and the same command "
+              "resumes it", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
     except BaseException:
-        if not finished:
-            shutil.rmtree(tmp, ignore_errors=True)  # an error: no half-written output (a resumed run keeps its own)
+        if not finished:  # an error: no half-written output (a resumed run keeps what it had)
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -1456,12 +1568,46 @@ def run_experiment(cfg: Config) -> list:
     return rows
 
 
+def print_plan(S: Setup, methods: list):
+    cfg, trained = S.cfg, [m for m in methods if m in TRAINED]
+    n = cfg.runs * len(cfg.lr) * sum(len(cfg.beta) if m == "ia2_plus_sft" else 1 for m in trained)
+    betas = f", ia2_plus_sft x {len(cfg.beta)} β" * ("ia2_plus_sft" in methods)
+    evals = ", ".join(f"{len(ev.gold)} {ev.name}" for ev in S.evals)
+    print(f"plan: {n} adapters ({', '.join(trained)} x {len(cfg.lr)} lr x {cfg.runs} runs{betas}; at most "
+          f"{cfg.epochs} epochs; a method's adapters train together), evaluated on {evals} examples, as are "
+          "zero-shot and ICL")
+
+
+def run_methods(S: Setup, methods: list, finished: list, folder: str, rows: list, timing: dict):
+    """The teacher, then each method not finished yet; after the first trained one, an estimate of the rest"""
+    tick, ia2_states = time.time(), {}
+    runs = draw_runs(S)
+    timing["teacher"] = time.time() - tick
+    first = next((m for m in methods if m in TRAINED and m not in finished), None)
+    for m in methods:
+        if m in finished:
+            if m == "ia2":  # the start of ia2_then_sft(_icl): the saved IA2 adapters
+                for lr, run in itertools.product(S.cfg.lr, runs):
+                    ia2_states[lr, run["r"]] = read_adapter(adapter_dir(folder, m, lr, None, run["r"]))
+            continue
+        tick = time.time()
+        run_method(S, m, runs, ia2_states, folder, rows)
+        timing[m] = time.time() - tick
+        left = timing[m] * sum(x in TRAINED and x not in finished for x in methods[methods.index(m) + 1:])
+        if m == first and left:  # after the first trained method: its time times the methods to come
+            more = f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min"
+            print(f"estimate: {m} took {timing[m]:.0f} s; the other trained methods should take about {more} "
+                  "more here (early stopping varies)")
+
+
 def default_out(cfg: Config) -> str:
     """runs/<task>-<model>-n<N>-<time>, or the newest interrupted run of this same command, to resume it."""
     name = f"{cfg.task}-{os.path.basename(cfg.model.rstrip('/'))}-n{cfg.n_train}-"
     same = [f for f in sorted(glob.glob(os.path.join("runs", glob.escape(name) + "*.partial")))
             if saved_config(f) == as_json(dataclasses.asdict(cfg))]
-    return same[-1][:-len(".partial")] if same else os.path.join("runs", name + time.strftime("%Y%m%d-%H%M%S"))
+    if same:
+        return same[-1][:-len(".partial")]
+    return os.path.join("runs", name + time.strftime("%Y%m%d-%H%M%S"))
 
 
 def as_json(x):
@@ -1481,27 +1627,32 @@ def resumable(cfg: Config, tmp: str) -> tuple:
     cfg_dict, saved = as_json(dataclasses.asdict(cfg)), saved_config(tmp)
     if saved != cfg_dict:
         differ = sorted(k for k in cfg_dict if saved is None or saved.get(k) != cfg_dict[k])
-        raise IA2Error(f"{tmp}/ holds an interrupted run of another command (it differs in "
-                       f"{', '.join('--' + k.replace('_', '-') for k in differ)}): run that command to resume it, "
-                       f"or move the folder away")
+        flags = ", ".join("--" + k.replace("_", "-") for k in differ)
+        raise IA2Error(f"{tmp}/ holds an interrupted run of another command (it differs in {flags}): run "
+                       "that command to resume it, or move the folder away")
     path = os.path.join(tmp, "results.json")
     rows = json.load(open(path))["rows"] if os.path.isfile(path) else []
     n_tasks, grid = len(dict.fromkeys(cfg.eval_tasks or [cfg.task])), len(cfg.lr) * cfg.runs
     expected = dict(zero_shot=1, icl=cfg.runs, ia2_plus_sft=grid * len(cfg.beta))
-    finished = [m for m in METHODS if m in cfg.methods and
-                sum(x["method"] == m for x in rows) == n_tasks * expected.get(m, grid) and
-                all(os.path.isfile(os.path.join(adapter_dir(tmp, m, lr, b, r), "adapter_model.safetensors"))
-                    for lr in cfg.lr for b in (cfg.beta if m == "ia2_plus_sft" else [None]) for r in range(cfg.runs)
-                    if m in TRAINED)]
+
+    def saved_adapters(m):
+        betas = cfg.beta if m == "ia2_plus_sft" else [None]
+        return all(os.path.isfile(os.path.join(adapter_dir(tmp, m, lr, b, r), "adapter_model.safetensors"))
+                   for lr, b, r in itertools.product(cfg.lr, betas, range(cfg.runs)))
+    finished = [m for m in METHODS if m in cfg.methods
+                and sum(x["method"] == m for x in rows) == n_tasks * expected.get(m, grid)
+                and (m not in TRAINED or saved_adapters(m))]
     return [x for x in rows if x["method"] in finished], finished
 
 
 def write_config(S: Setup, folder: str):
-    """config.json: every setting (what a resumed run must match), the labels, template, device, dtype, versions."""
+    """config.json: every setting (what a resumed run must match), the labels, template, device, dtype,
+    versions."""
     import transformers
     meta = dict(config=dataclasses.asdict(S.cfg), labels=S.task.labels, label_token_ids=S.task.label_ids,
-                template=S.task.spec["template"], model_class=type(S.model).__name__, device=str(S.model.device),
-                dtype=str(S.model.dtype), pool_size=len(S.task.pool), eval_size={ev.name: len(ev.gold) for ev in S.evals},
+                template=S.task.spec["template"], model_class=type(S.model).__name__,
+                device=str(S.model.device), dtype=str(S.model.dtype), pool_size=len(S.task.pool),
+                eval_size={ev.name: len(ev.gold) for ev in S.evals},
                 versions=dict(torch=torch.__version__, transformers=transformers.__version__))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -1512,14 +1663,17 @@ def write_outputs(S: Setup, folder: str, rows: list, timing: dict, interrupted=F
     """config.json, results.json (the rows; per eval task each method's summary and the majority-class rate),
     results.md (the tables, also returned)."""
     summary = {ev.name: summarize([x for x in rows if x["task"] == ev.name]) for ev in S.evals}
-    report = "".join(f"## {S.cfg.task} -> {ev.name}{'' if ev.name == S.cfg.task else ' (OOD, ICL demos from ' + S.cfg.task + ')'}"
-                     f"\n\n{table(summary[ev.name], ev)}\n\n" for ev in S.evals)
+    report = ""
+    for ev in S.evals:
+        ood = "" if ev.name == S.cfg.task else f" (OOD, ICL demos from {S.cfg.task})"
+        report += f"## {S.cfg.task} -> {ev.name}{ood}\n\n{table(summary[ev.name], ev)}\n\n"
     write_config(S, folder)
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(dict(summary=summary, rows=rows, timing_s=timing, interrupted=interrupted,
-                       majority={ev.name: majority(ev.labels, ev.gold) if ev.labels else None for ev in S.evals},
-                       selection="each method's (lr, β) by its best mean accuracy on the eval set (the paper's); "
-                                 "dev_selected: the lowest mean dev loss"), f, indent=1)
+                       majority={ev.name: majority(ev.labels, ev.gold) if ev.labels else None
+                                 for ev in S.evals},
+                       selection="each method's (lr, β) by its best mean accuracy on the eval set (the "
+                                 "paper's); dev_selected: the lowest mean dev loss"), f, indent=1)
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(f"# {S.cfg.task}, {S.cfg.model}, N={S.cfg.n_train}, {S.cfg.runs} run{'s' * (S.cfg.runs > 1)}"
                 f"{' (interrupted: the methods finished so far)' * interrupted}\n\n{report}")

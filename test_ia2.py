@@ -1171,7 +1171,7 @@ def test_saved_adapter_loads_in_peft(tiny):
 
 @pytest.mark.parametrize("args, message", [
     (["--task", "nope"], "--task nope: must be a task with training data"),
-    (["--methods", "sft", "magic"], "--methods magic: must be one of zero_shot"),
+    (["--methods", "sft", "magic"], "--methods magic: must be zero_shot, icl, sft, sft_icl,"),
     (["--model", "/no/such/model"], "cannot load model"),
     (["--data", "/no/such.csv"], "--data /no/such.csv: no such file"),
     (["--data", "BADCOLS"], "BADCOLS.csv needs columns 'text', 'label', found 'sentence', 'y'"),
