@@ -22,6 +22,7 @@ T tokens. Checks that both give the same tokens and activations.
 """
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -238,8 +239,8 @@ def main():
     p.add_argument("--make-proxy", metavar="FOLDER", help="write the speed proxy: FOLDER/deep and FOLDER/proxy_words.csv")
     p.add_argument("--make-qwen3-shape", nargs=2, metavar=("TOKENIZER", "FOLDER"), help="write Qwen3-0.6B's shape")
     p.add_argument("--check", action="store_true", help="the default sst2 protocol end to end: time, memory, finite")
-    p.add_argument("--count-ops", nargs=argparse.REMAINDER, metavar="IA2_ARGS", help="count the aten ops of one "
-                   "ia2.py command (everything after --count-ops --)")
+    p.add_argument("--count-ops", action="store_true", help="count the aten ops of the ia2.py command given "
+                   "after --")
     p.add_argument("--ia2", metavar="PATH", help="time or count this ia2.py instead of the one beside bench.py")
     p.add_argument("--runs", type=int, default=5, help="--check: runs (default: the protocol's 5)")
     p.add_argument("--epochs", type=int, default=50, help="--check: maximum epochs (default: the protocol's 50)")
@@ -252,15 +253,17 @@ def main():
     p.add_argument("--rollout", action="store_true", help="time the teacher rollout instead")
     p.add_argument("--demos", type=int, default=3, help="--rollout: demos per ICL prompt (N-1; paper N=4)")
     p.add_argument("--prompts", type=int, default=2, help="--rollout: prompts timed")
-    a = p.parse_args()
+    argv = sys.argv[1:]
+    ia2_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    a = p.parse_args(argv[:len(argv) - len(ia2_args) - bool(ia2_args)])
     if a.ia2:  # another version of ia2.py, under the same name
         import importlib.util
         global ia2
         spec = importlib.util.spec_from_file_location("ia2", a.ia2)
         ia2 = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(ia2)
-    if a.count_ops is not None:
-        return count_ops([x for x in a.count_ops if x != "--"])
+    if a.count_ops:
+        return count_ops(ia2_args)
     if a.make_proxy:
         return make_proxy(a.make_proxy)
     if a.make_qwen3_shape:
