@@ -1088,7 +1088,7 @@ def test_labels_with_a_leading_space_run_end_to_end(tiny, capsys):
     assert [x["accuracy"] for x in rows] == [pytest.approx(expected)] and expected > 0
 
 
-@pytest.mark.parametrize("task, adapter", [("sst2", "lora"), ("gsm8k", "lora"), ("gsm8k", "ia3")])
+@pytest.mark.parametrize("task, adapter", [("sst2", "lora"), ("gsm8k", "ia3")])
 def test_cli_every_method_on_a_bf16_base_model(tiny, task, adapter):
     """--dtype bfloat16 on the CPU takes the paths a GPU takes: a bf16 base model under fp32 adapters, logits and
     losses, for every method, single- and multi-token, with either adapter."""
@@ -1122,28 +1122,6 @@ def test_bench_check_runs_the_protocol_and_reports_it(tiny):
 def test_list_tasks():
     p = subprocess.run([sys.executable, os.path.join(HERE, "ia2.py"), "--list-tasks"], capture_output=True, text=True)
     assert p.returncode == 0 and all(f"| {t} |" in p.stdout for t in ia2.TASKS) and len(ia2.TASKS) == 12
-
-
-def test_saved_ia3_adapter_loads_in_peft(tiny):
-    """--adapter ia3 in PEFT's (IA)³ layout (ia3_l of shape (1, d_in), every target a feed-forward module): PEFT
-    loads it and gives the logits ia2's own IA3Linear gives."""
-    peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
-    p = cli(tiny, "--adapter", "ia3", "--n-train", "4", "--runs", "1", "--eval-size", "10", "--epochs", "2", "--lr",
-            "1e-1", "--methods", "ia2_then_sft", out="peft-ia3")
-    assert p.returncode == 0, p.stderr
-    folder = str(tiny["root"] / "peft-ia3" / "adapters" / "ia2_then_sft" / "lr0.1" / "run0")
-    config = json.loads(open(folder + "/adapter_config.json").read())
-    assert config["peft_type"] == "IA3" and config["feedforward_modules"] == config["target_modules"]
-    ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), folder)
-    tok = ia2.load_tokenizer(tiny["model"])
-    ours = ia2.load_model(tiny["model"], tok, torch.device("cpu"), torch.float32)
-    ia2.add_ia3(ours)
-    ia2.load_adapter(ours, folder)
-    assert any((mod.l - 1).abs().max() > 1e-3 for mod in ia2.adapter_modules(ours).values())  # it trained
-    ids = torch.tensor([ia2.encode(tok, "Text:the film was good\nLabel:")])
-    with torch.no_grad():
-        torch.testing.assert_close(ref(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_saved_adapter_loads_in_peft(tiny):
@@ -1419,30 +1397,34 @@ def signalled_run(tiny, out, name, k, *args):
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("name, code, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "stopped by SIGTERM")])
-def test_ctrl_c_and_sigterm_keep_finished_adapters_and_results_in_partial(tiny, name, code, said):
-    out = tiny["root"] / f"signal-{name}"
-    p = signalled_run(tiny, out, name, 1, "--methods", "sft", "ia2")
-    assert p.returncode == code, p.stderr
-    assert our_line(p.stderr) == (f"ia2.py: {said}; the adapters and results finished so far are in {out}.partial/, "
-                                  "and the same command resumes it")
-    partial = tiny["root"] / f"signal-{name}.partial"
+def test_ctrl_c_keeps_finished_adapters_and_results_in_partial(tiny):
+    out = tiny["root"] / "signal-SIGINT"
+    p = signalled_run(tiny, out, "SIGINT", 1, "--methods", "sft", "ia2")
+    assert p.returncode == 130, p.stderr
+    assert our_line(p.stderr) == (f"ia2.py: interrupted; the adapters and results finished so far are in "
+                                  f"{out}.partial/, and the same command resumes it")
+    partial = tiny["root"] / "signal-SIGINT.partial"
     assert not out.exists() and os.listdir(partial / "adapters" / "sft" / "lr0.001") == ["run0"]
     res = json.loads((partial / "results.json").read_text())
     assert res["interrupted"] and [x["run"] for x in res["rows"]] == [0, 1]  # sft's rows, ia2 never began
     assert "(interrupted" in (partial / "results.md").read_text()
 
 
-def test_the_same_command_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(tiny):
+def test_the_same_command_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(tiny, capsys):
     """Stopped after the 4th saved adapter (sft's 2 and ia2's 2: both finished), the same command trains only
     ia2_then_sft, from the saved IA2 adapters, and its results equal those of a run never interrupted."""
     args = ("--methods", "sft", "ia2", "ia2_then_sft", "--epochs", "2")
     whole = cli(tiny, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--lr", "1e-3", *args, out="whole")
     assert whole.returncode == 0, whole.stderr
     out = tiny["root"] / "resumed"
-    assert signalled_run(tiny, out, "SIGTERM", 4, *args).returncode == 143
-    other = cli(tiny, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--lr", "1e-2", *args, out="resumed")
-    assert other.returncode == 2 and our_line(other.stderr) == (
+    p = signalled_run(tiny, out, "SIGTERM", 4, *args)  # as a scheduler stops a job: handled as Ctrl-C
+    assert p.returncode == 143 and our_line(p.stderr) == (
+        f"ia2.py: stopped by SIGTERM; the adapters and results finished so far are in {out}.partial/, and the same "
+        "command resumes it")
+    with pytest.raises(SystemExit) as e:  # another command (another --lr): refused before anything loads
+        ia2.main(["--model", tiny["model"], "--data", tiny["data"], "--out", str(out), "--n-train", "4", "--runs",
+                  "2", "--eval-size", "10", "--lr", "1e-2", *args])
+    assert e.value.code == 2 and our_line(capsys.readouterr().err) == (
         f"ia2.py: error: {out}.partial/ holds an interrupted run of another command (it differs in --lr): run that "
         "command to resume it, or move the folder away")
     assert (tiny["root"] / "resumed.partial" / "results.json").exists()  # refused, not deleted
@@ -1478,7 +1460,7 @@ def test_ctrl_c_while_adapters_are_saved_keeps_the_method_s_results(tiny, monkey
     out = tiny["root"] / "sigint-save"
     with pytest.raises(SystemExit) as e:
         ia2.main(["--model", tiny["model"], "--data", tiny["data"], "--out", str(out), "--n-train", "4",
-                  "--runs", "2", "--eval-size", "10", "--lr", "1e-3", "--methods", "sft"])
+                  "--runs", "2", "--eval-size", "10", "--lr", "1e-3", "--epochs", "2", "--methods", "sft"])
     assert e.value.code == 130 and saved == [1]
     res = json.loads((tiny["root"] / "sigint-save.partial" / "results.json").read_text())
     assert [x["run"] for x in res["rows"] if x["method"] == "sft"] == [0, 1]
@@ -1603,6 +1585,25 @@ def test_every_method_and_eval_py_on_an_ia3_run(tiny):
     assert all(0 < x["asim"] <= 1 for m in ("sft", "ia2") for x in a["methods"][m]["runs"])
     report = (folder / "report.md").read_text()
     assert "Not computed: an (IA)³ adapter is one vector per matrix" in report and (folder / "reliability.png").exists()
+    check_ia3_adapter_in_peft(tiny, ia2.adapter_dir(str(folder), "ia2_then_sft", 1e-1, None, 0))
+
+
+def check_ia3_adapter_in_peft(tiny, folder):
+    """PEFT's (IA)³ layout (ia3_l of shape (1, d_in), every target a feed-forward module): PEFT loads the adapter
+    and gives the logits ia2's own IA3Linear gives."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    config = json.loads(open(folder + "/adapter_config.json").read())
+    assert config["peft_type"] == "IA3" and config["feedforward_modules"] == config["target_modules"]
+    ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), folder)
+    tok = ia2.load_tokenizer(tiny["model"])
+    ours = ia2.load_model(tiny["model"], tok, torch.device("cpu"), torch.float32)
+    ia2.add_ia3(ours)
+    ia2.load_adapter(ours, folder)
+    assert any((mod.l - 1).abs().max() > 1e-3 for mod in ia2.adapter_modules(ours).values())  # it trained
+    ids = torch.tensor([ia2.encode(tok, "Text:the film was good\nLabel:")])
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def last_token_acts(layers, model, prompts) -> torch.Tensor:
