@@ -949,6 +949,17 @@ def test_few_shot_protocol(model):
 # the command line
 
 
+def in_process(tiny, capsys, *args, out="out"):
+    """ia2.main in this process, as cli() runs it but with no interpreter to start: exit code, stdout, stderr."""
+    try:
+        ia2.main(["--model", tiny["model"], "--data", tiny["data"], "--out", str(tiny["root"] / out), *args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([], code, captured.out, captured.err)
+
+
 def cli(tiny, *args, out="out"):
     cmd = [sys.executable, os.path.join(HERE, "ia2.py"), "--model", tiny["model"], "--data", tiny["data"],
            "--out", str(tiny["root"] / out), *args]
@@ -969,7 +980,7 @@ def our_line(stderr: str) -> str:
     return ours[0]
 
 
-def test_cli_end_to_end_and_reproducible(tiny):
+def test_cli_end_to_end_and_reproducible(tiny, capsys):
     args = ["--n-train", "4", "--runs", "2", "--eval-size", "12", "--epochs", "2", "--lr", "1e-3", "1e-2"]
     p = cli(tiny, *args)
     assert p.returncode == 0 and library_lines(p.stderr) == [], p.stderr  # a normal run: no library warning
@@ -983,7 +994,7 @@ def test_cli_end_to_end_and_reproducible(tiny):
         assert os.path.exists(os.path.join(ia2.adapter_dir(str(out), m, 1e-2, beta, 1), "adapter_model.safetensors"))
     assert "| ia2_then_sft |" in (out / "results.md").read_text() and "| ia2_then_sft |" in p.stdout
     assert json.loads((out / "config.json").read_text())["config"]["n_train"] == 4
-    p2 = cli(tiny, *args, out="out2")  # the same command twice gives the same numbers on CPU
+    p2 = in_process(tiny, capsys, *args, out="out2")  # the same command again gives the same numbers on CPU
     assert p2.returncode == 0, p2.stderr
     assert json.loads((tiny["root"] / "out2" / "results.json").read_text())["summary"]["sst2"] == res
 
@@ -1089,7 +1100,7 @@ def test_labels_with_a_leading_space_run_end_to_end(tiny, capsys):
 
 
 @pytest.mark.parametrize("task, adapter", [("sst2", "lora"), ("gsm8k", "ia3")])
-def test_cli_every_method_on_a_bf16_base_model(tiny, task, adapter):
+def test_cli_every_method_on_a_bf16_base_model(tiny, capsys, task, adapter):
     """--dtype bfloat16 on the CPU takes the paths a GPU takes: a bf16 base model under fp32 adapters, logits and
     losses, for every method, single- and multi-token, with either adapter."""
     data = ["--data", tiny["data"]]
@@ -1098,7 +1109,7 @@ def test_cli_every_method_on_a_bf16_base_model(tiny, task, adapter):
         qa = lambda a, b: dict(question=f"the film {a} plus {b}?", answer=f"{a}+{b}={a + b}\n#### {a + b}")
         data = ["--task", "gsm8k", "--max-new-tokens", "5",
                 "--data", write_jsonl(tiny["root"] / "bf16.jsonl", [qa(*rng.randint(1, 9, 2)) for _ in range(16)])]
-    p = cli(tiny, *data, "--adapter", adapter, "--dtype", "bfloat16", "--device", "cpu", "--n-train", "2", "--runs",
+    p = in_process(tiny, capsys, *data, "--adapter", adapter, "--dtype", "bfloat16", "--device", "cpu", "--n-train", "2", "--runs",
             "1", "--eval-size", "4", "--epochs", "1", "--lr", "1e-2", "--beta", "0.5", "--methods", *ia2.METHODS,
             out=f"bf16-{task}-{adapter}")
     assert p.returncode == 0 and library_lines(p.stderr) == [], p.stderr
@@ -1124,11 +1135,11 @@ def test_list_tasks():
     assert p.returncode == 0 and all(f"| {t} |" in p.stdout for t in ia2.TASKS) and len(ia2.TASKS) == 12
 
 
-def test_saved_adapter_loads_in_peft(tiny):
+def test_saved_adapter_loads_in_peft(tiny, capsys):
     peft = pytest.importorskip("peft")
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-    p = cli(tiny, "--n-train", "4", "--runs", "1", "--eval-size", "10", "--epochs", "2", "--lr", "1e-2",
+    p = in_process(tiny, capsys, "--n-train", "4", "--runs", "1", "--eval-size", "10", "--epochs", "2", "--lr", "1e-2",
             "--methods", "sft", "--targets", "qkv", out="peft")  # the paper's Table 7 ablation
     assert p.returncode == 0, p.stderr
     folder = str(tiny["root"] / "peft" / "adapters" / "sft" / "lr0.01" / "run0")
@@ -1311,7 +1322,7 @@ def test_a_tokenizer_that_reads_one_character_at_a_time_is_warned_about(model, c
 
 
 def test_plan_estimate_epochs_cap_and_flag_messages(tiny, capsys):
-    p = cli(tiny, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--epochs", "1", "--lr", "1e-3",
+    p = in_process(tiny, capsys, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--epochs", "1", "--lr", "1e-3",
             "--methods", "zero_shot", "sft", "ia2", out="plan")
     assert p.returncode == 0, p.stderr
     assert ("plan: 4 adapters (sft, ia2 x 1 lr x 2 runs; at most 1 epochs; a method's adapters train together), "
@@ -1411,13 +1422,14 @@ def test_ctrl_c_keeps_finished_adapters_and_results_in_partial(tiny):
 
 
 def test_the_same_command_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(tiny, capsys):
-    """Stopped after the 4th saved adapter (sft's 2 and ia2's 2: both finished), the same command trains only
-    ia2_then_sft, from the saved IA2 adapters, and its results equal those of a run never interrupted."""
-    args = ("--methods", "sft", "ia2", "ia2_then_sft", "--epochs", "2")
-    whole = cli(tiny, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--lr", "1e-3", *args, out="whole")
+    """Stopped after the 2nd saved adapter (ia2's 2: finished), the same command trains only ia2_then_sft, from
+    the saved IA2 adapters, and its results equal those of a run never interrupted."""
+    args = ("--methods", "zero_shot", "ia2", "ia2_then_sft", "--epochs", "2")
+    whole = in_process(tiny, capsys, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--lr", "1e-3", *args,
+                       out="whole")
     assert whole.returncode == 0, whole.stderr
     out = tiny["root"] / "resumed"
-    p = signalled_run(tiny, out, "SIGTERM", 4, *args)  # as a scheduler stops a job: handled as Ctrl-C
+    p = signalled_run(tiny, out, "SIGTERM", 2, *args)  # as a scheduler stops a job: handled as Ctrl-C
     assert p.returncode == 143 and our_line(p.stderr) == (
         f"ia2.py: stopped by SIGTERM; the adapters and results finished so far are in {out}.partial/, and the same "
         "command resumes it")
@@ -1428,13 +1440,16 @@ def test_the_same_command_resumes_an_interrupted_run_and_ends_as_an_uninterrupte
         f"ia2.py: error: {out}.partial/ holds an interrupted run of another command (it differs in --lr): run that "
         "command to resume it, or move the folder away")
     assert (tiny["root"] / "resumed.partial" / "results.json").exists()  # refused, not deleted
-    p = cli(tiny, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--lr", "1e-3", *args, out="resumed")
+    p = in_process(tiny, capsys, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--lr", "1e-3", *args,
+                   out="resumed")
     assert p.returncode == 0, p.stderr
-    assert f"resuming {out}.partial/: sft, ia2 finished there" in p.stdout
-    assert "[sft lr=" not in p.stdout and "[ia2 lr=" not in p.stdout and "[ia2_then_sft lr=0.001 run 1]" in p.stdout
-    rows = lambda folder: sorted((x["method"], x["run"], x["accuracy"], x["ece"], x["dev_loss"], x["steps"])
-                                 for x in json.loads((tiny["root"] / folder / "results.json").read_text())["rows"])
-    assert rows("resumed") == rows("whole") and len(rows("whole")) == 6
+    assert f"resuming {out}.partial/: zero_shot, ia2 finished there" in p.stdout
+    assert "[ia2 lr=" not in p.stdout and "[ia2_then_sft lr=0.001 run 1]" in p.stdout
+    def rows(folder):
+        res = json.loads((tiny["root"] / folder / "results.json").read_text())
+        return sorted((x["method"], x["run"], x["accuracy"], x["ece"], x.get("dev_loss"), x.get("steps"))
+                      for x in res["rows"])
+    assert rows("resumed") == rows("whole") and len(rows("whole")) == 5
 
 
 def test_without_out_a_run_resumes_the_interrupted_run_of_the_same_command(tiny, monkeypatch):
@@ -1537,23 +1552,22 @@ def test_reliability_bins_are_the_ece_bins():
     assert sum(n / 500 * abs(acc - mean) for _, mean, _, acc, n in bins) == pytest.approx(ia2.ece(conf, correct))
 
 
-def test_eval_end_to_end_report_figures_and_sweep(tiny):
+def test_eval_end_to_end_report_figures_and_sweep(tiny, capsys):
     pytest.importorskip("matplotlib")
     folders = []
-    for n in (2, 4):
-        p = cli(tiny, "--n-train", str(n), "--runs", "2", "--eval-size", "12", "--epochs", "3", "--lr", "3e-2",
+    for n, runs in ((2, "1"), (4, "2")):
+        p = in_process(tiny, capsys, "--n-train", str(n), "--runs", runs, "--eval-size", "12", "--epochs", "3", "--lr", "3e-2",
                 "--methods", "zero_shot", "icl", "sft", "ia2", "ia2_then_sft", out=f"ev-n{n}")  # a high lr, so
         assert p.returncode == 0, p.stderr  # that the methods differ
         folders.append(str(tiny["root"] / f"ev-n{n}"))
-    cmd = [sys.executable, os.path.join(HERE, "eval.py"), *folders, "--out", str(tiny["root"] / "sweep"),
-           "--asim-examples", "5"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tiny["root"], timeout=600)
-    assert p.returncode == 0, p.stderr
+    import eval as ev
+    ev.main([*folders, "--out", str(tiny["root"] / "sweep"), "--asim-examples", "5"])
+    capsys.readouterr()
     for f in folders:
         a = json.loads(open(os.path.join(f, "analysis.json")).read())
         assert a["max_abs_diff_vs_results_json"] < 1e-6  # saved adapters reload to the same predictions
         assert set(a["methods"]) == {"zero_shot", "icl", "sft", "ia2", "ia2_then_sft"} and a["asim_examples"] == 5
-        assert len(a["methods"]["ia2"]["runs"]) == 2 and len(a["methods"]["ia2"]["runs"][0]["asim_layers"]) == 2
+        assert len(a["methods"]["ia2"]["runs"]) == a["runs"] and len(a["methods"]["ia2"]["runs"][0]["asim_layers"]) == 2
         assert "| ia2_then_sft |" in open(os.path.join(f, "report.md")).read()
         for png in ("asim.png", "reliability.png"):
             assert open(os.path.join(f, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -1565,11 +1579,11 @@ def test_eval_end_to_end_report_figures_and_sweep(tiny):
     assert p.returncode == 2 and "not a finished ia2.py run folder" in our_line(p.stderr)
 
 
-def test_every_method_and_eval_py_on_an_ia3_run(tiny):
+def test_every_method_and_eval_py_on_an_ia3_run(tiny, capsys):
     """--adapter ia3: every method trains (ia2_then_sft continuing its IA2 job's vectors), the lr grid defaults to
     the paper's (IA)³ grid, and eval.py measures the run as a LoRA one (reloaded adapters reproduce results.json)
     but reports that the subspace overlap, LoRA's measure, is not computed."""
-    p = cli(tiny, "--adapter", "ia3", "--n-train", "4", "--runs", "1", "--eval-size", "12", "--epochs", "2",
+    p = in_process(tiny, capsys, "--adapter", "ia3", "--n-train", "4", "--runs", "1", "--eval-size", "12", "--epochs", "2",
             "--methods", *ia2.METHODS, out="ia3-run")
     assert p.returncode == 0, p.stderr
     folder = tiny["root"] / "ia3-run"
@@ -1577,9 +1591,9 @@ def test_every_method_and_eval_py_on_an_ia3_run(tiny):
     res = json.loads((folder / "results.json").read_text())
     assert {x["method"] for x in res["rows"]} == set(ia2.METHODS)
     assert {x["lr"] for x in res["rows"] if x["lr"]} == {1e-1, 1e-2, 1e-3}
-    p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(folder), "--asim-examples", "4"],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
+    import eval as ev
+    ev.main([str(folder), "--asim-examples", "4"])
+    capsys.readouterr()
     a = json.loads((folder / "analysis.json").read_text())
     assert a["max_abs_diff_vs_results_json"] < 1e-6 and a["overlap"] is None
     assert all(0 < x["asim"] <= 1 for m in ("sft", "ia2") for x in a["methods"][m]["runs"])
