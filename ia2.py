@@ -311,8 +311,8 @@ def load_adapter(model, folder: str, k: int = 0):
 #    model with K adapters side by side: slot k of every adapter tensor is job k's. One batch holds the rows
 #    of every job, each row routed through its job's slot (`adapters`), so that one forward and backward
 #    serves all the jobs, each gradient landing in its own slot. `batches` sorts the rows by length and cuts
-#    them into pieces that fit the memory. Nothing else knows about slots: the rest reads as the paper's
-#    one-adapter code.
+#    them into pieces that fit the memory. The method's own code (forward, the teacher, the losses) never
+#    sees a slot; training and evaluation only pass each row's slot to `batches`.
 
 
 @contextlib.contextmanager
