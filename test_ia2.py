@@ -1387,6 +1387,7 @@ def test_the_hub_probe_waits_3_seconds_and_nothing_else_runs(tiny, monkeypatch):
 # where the signal lands
 SIGNAL_AFTER_SAVE = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
 sys.path.insert(0, {here!r})
 import ia2
 save, saved = ia2.save_adapter, []
