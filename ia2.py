@@ -432,11 +432,11 @@ def lm_logits(model, h: torch.Tensor) -> torch.Tensor:
 
 
 def forward(model, prompts: list, targets=None, capture=False, logits=True):
-    """Teacher-forced forward of X∘target, right-padded (under causal attention
-    the pads come after every real token: they change nothing, every position keeps its index). Position d+t,
-    d = len(X)-1 the last prompt token, predicts target[t], t < T (the longest target; none: T=1). The last
-    target token is never read, so not fed. Returns fp32 logits (B, T, V) and, with capture, the
-    self-attention outputs (B, L, T, D)."""
+    """Teacher-forced forward of X∘target, right-padded (under causal attention the pads come after every
+    real token: they change nothing, every position keeps its index). Position d+t, d = len(X)-1 the last
+    prompt token, predicts target[t], t < T (the longest target; none: T=1). The last target token is never
+    read, so not fed. Returns fp32 logits (B, T, V) and, with capture, the self-attention outputs
+    (B, L, T, D)."""
     T = max(map(len, targets)) if targets else 1
     seqs = [x + list(y[:-1]) for x, y in zip(prompts, targets)] if targets else prompts
     R, dev = max(map(len, seqs)), model.device
@@ -761,27 +761,32 @@ def next_batch(job: Job, bs: int) -> list:
 def backward(model, objective: str, work: list) -> list:
     """One forward and backward over the examples of several jobs, (slot, job, examples); returns each job's
     loss, the mean over its examples."""
-    beta, weight, total = {k: job.beta for k, job, _ in work}, {k: 1 / len(b) for k, _, b in work}, {}
-    rows = [(k, it) for k, _, b in work for it in b]
-    for idx, items in batches(model, rows, cost(model, objective, True), grad=True):
-        ks = [rows[i][0] for i in idx]
-        loss = objective_loss(model, objective, items, [beta[k] for k in ks])
+    weight, total = {k: 1 / len(b) for k, _, b in work}, collections.defaultdict(float)
+    for ks, loss in piece_losses(model, objective, work, grad=True):
         weighted = loss * torch.tensor([weight[k] for k in ks], device=model.device)
         weighted.sum().backward()  # Σ over jobs of each job's mean loss: job k's gradient is its own
         for k, x in zip(ks, weighted.tolist()):
-            total[k] = total.get(k, 0) + x
+            total[k] += x
     return [total[k] for k, _, _ in work]
 
 
 @torch.no_grad()
 def dev_losses(model, objective: str, jobs: list) -> list:
     """The mean dev loss of each (slot, job), all dev sets in shared batches."""
-    beta, total, rows = {k: job.beta for k, job in jobs}, {}, [(k, it) for k, job in jobs for it in job.dev]
-    for idx, items in batches(model, rows, cost(model, objective, False), grad=False):
-        ks = [rows[i][0] for i in idx]
-        for k, x in zip(ks, objective_loss(model, objective, items, [beta[k] for k in ks]).tolist()):
-            total[k] = total.get(k, 0) + x
+    total = collections.defaultdict(float)
+    for ks, loss in piece_losses(model, objective, [(k, job, job.dev) for k, job in jobs], grad=False):
+        for k, x in zip(ks, loss.tolist()):
+            total[k] += x
     return [total[k] / len(job.dev) for k, job in jobs]
+
+
+def piece_losses(model, objective: str, work: list, grad: bool):
+    """The examples of several jobs, (slot, job, examples), in shared batches: yields each piece's slots and
+    its examples' losses (B,), each at its job's β."""
+    beta, rows = {k: job.beta for k, job, _ in work}, [(k, it) for k, _, b in work for it in b]
+    for idx, items in batches(model, rows, cost(model, objective, grad), grad):
+        ks = [rows[i][0] for i in idx]
+        yield ks, objective_loss(model, objective, items, [beta[k] for k in ks])
 
 
 def cost(model, objective: str, grad: bool):
@@ -816,7 +821,6 @@ def predict(model, seqs: list, label_ids: list, slots=None):
     read = read_tokens(model, False, 8)
     pieces = batches(model, rows, lambda s: len(s) + read, grad=False)
     for idx, piece in tqdm(pieces, desc="eval", leave=False, disable=None):  # a progress bar on a terminal
-
         probs = forward(model, piece)[0][:, 0].softmax(-1)
         p, ids = probs.topk(10, dim=-1)
         order += idx
@@ -923,7 +927,8 @@ def newline_tokens(tok, V: int, device) -> tuple:
     texts = tok.batch_decode([[i] for i in range(len(tok))]) + [""] * (V - len(tok))
     has = torch.tensor(["\n\n" in x for x in texts], device=device)
     ends = torch.tensor([x.endswith("\n") for x in texts], device=device)
-    return has, ends, torch.tensor([x.startswith("\n") for x in texts], device=device)
+    starts = torch.tensor([x.startswith("\n") for x in texts], device=device)
+    return has, ends, starts
 
 
 def generate_texts(model, tok, seqs: list, max_new: int, slots=None) -> list:
