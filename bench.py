@@ -4,6 +4,8 @@
     python bench.py --make-qwen3-shape TOKENIZER FOLDER  # Qwen3-0.6B's shape, random weights, bf16
     python bench.py --check --model FOLDER --data FILE   # a GPU session's first command: see check()
     python bench.py --count-ops [--ia2 OLD/ia2.py] -- IA2_ARGS ...  # aten ops of one whole ia2.py command
+    python bench.py --reference FOLDER --assets A [--ia2 OLD/ia2.py]  # the three reference commands
+    python bench.py --same FOLDER1 FOLDER2                # ... give the same results.json numbers?
 
 --ia2 PATH times or counts another version's ia2.py (e.g. a `git worktree` of an older commit) with this bench.py.
 
@@ -122,24 +124,24 @@ def grid_speed(S, K, queries, repeats):
     runs = ia2.draw_runs(S)  # every run's split and the teacher (T=1) on its training and dev examples
     items = [it for run in runs for it in run["train"] + run["dev"]]
     rows = [("teacher forward, all runs' training and dev examples",
-             timed(lambda: ia2.teacher(model, items, 1, S.tok.eos_token_id), repeats, device))]
+             timed(lambda: ia2.teacher_all(model, items, 1, S.tok.eos_token_id), repeats, device))]
     bs = min(cfg.batch_size, cfg.n_train)
     for k in (1, K):
         jobs = [ia2.Job(cfg.lr[0], runs[j % len(runs)]["r"], runs[j % len(runs)]["train"], runs[j % len(runs)]["dev"],
-                        rng=np.random.RandomState(j)) for j in range(k)]
-        ia2.add_lora(model, K=k)
+                        batches=ia2.shuffled_batches(cfg.n_train, bs, 10 ** 6, j)) for j in range(k)]
+        ia2.add_adapters(model, cfg, K=k)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = ia2.Adam(params, [cfg.lr[0]] * k)
         for objective in ("sft", "ia2"):
             def step():
-                ia2.backward(model, objective, [(j, jobs[j], ia2.next_batch(jobs[j], bs)) for j in range(k)])
+                ia2.backward(model, objective, [(j, jobs[j], ia2.next_batch(jobs[j])) for j in range(k)])
                 opt.step(list(range(k)))
             rows.append((f"{objective} step, {k} adapter(s) x {bs} examples", timed(step, repeats, device)))
             rows.append((f"{objective} dev check, {k} adapter(s) x {len(jobs[0].dev)} examples",
                          timed(lambda: ia2.dev_losses(model, objective, list(enumerate(jobs))), repeats, device)))
         slots = [j for j in range(k) for _ in queries]
         rows.append((f"evaluate {k} adapter(s) x {len(queries)} queries",
-                     timed(lambda: ia2.predict(model, queries * k, S.task.label_ids, slots), max(1, repeats // 5),
+                     timed(lambda: ia2.predict_all(model, queries * k, S.task.label_ids, slots), max(1, repeats // 5),
                            device)))
     return rows
 
@@ -178,6 +180,57 @@ def make_proxy(folder: str, n_rows: int = 3000):
     with open(os.path.join(folder, "proxy_words.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("text", "label")] + rows)
     print(f"{model_dir}: Qwen3, 28 layers x 64 wide, vocab {len(tok)}; {folder}/proxy_words.csv: {n_rows} rows")
+
+
+def arithmetic(path: str, n: int = 400):
+    """A gsm8k-format file (question, worked answer ending '#### n') of two-step sums, for the reference runs."""
+    import json
+    rng, names, things = np.random.RandomState(0), ["Ann", "Bo", "Cy", "Dee"], ["pens", "cups", "cards", "shells"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            who, what, (a, b, c) = rng.choice(names), rng.choice(things), rng.randint(2, 50, 3)
+            question = f"{who} has {a} {what}, finds {b} more and then {c} more. How many {what} now?"
+            answer = f"{a} + {b} = {a + b}. {a + b} + {c} = {a + b + c}.\n#### {a + b + c}"
+            f.write(json.dumps(dict(question=question, answer=answer)) + "\n")
+
+
+def reference(folder: str, assets: str):
+    """The three reference commands, every method, on the CPU with seed 0: sst2 on SmolLM2-135M with the Rotten
+    Tomatoes file (LoRA), a gsm8k-format file on SmolLM2-135M ((IA)³), and the speed proxy (LoRA on q, k, v,
+    o). Two versions of ia2.py that compute the same give the same numbers (--same)."""
+    os.makedirs(folder, exist_ok=True)
+    arithmetic(os.path.join(folder, "arith.jsonl"))
+    make_proxy(folder)
+    smol, methods = os.path.join(assets, "smollm2-135m"), ["--methods", *ia2.METHODS, "--device", "cpu"]
+    commands = dict(
+        sst2=["--model", smol, "--data", os.path.join(assets, "rotten_tomatoes.csv"), "--labels", "negative",
+              "positive", "--runs", "2", "--lr", "1e-4", "1e-3", "--beta", "0.3", "0.7", "--eval-size", "32",
+              "--epochs", "3"],
+        gsm8k=["--model", smol, "--task", "gsm8k", "--data", os.path.join(folder, "arith.jsonl"), "--adapter",
+               "ia3", "--runs", "2", "--lr", "1e-2", "1e-1", "--beta", "0.5", "--eval-size", "8", "--epochs", "2",
+               "--max-new-tokens", "32"],
+        proxy=["--model", os.path.join(folder, "deep"), "--data", os.path.join(folder, "proxy_words.csv"),
+               "--targets", "qkvo", "--runs", "3", "--eval-size", "60", "--epochs", "8"])
+    for name, args in commands.items():
+        ia2.main(args + methods + ["--out", os.path.join(folder, name)])
+
+
+def same(a: str, b: str):
+    """Every number of every results.json row of the reference commands, in folder a against folder b."""
+    import json
+    differ = False
+    for name in ("sst2", "gsm8k", "proxy"):
+        rows = []
+        for folder in (a, b):
+            with open(os.path.join(folder, name, "results.json")) as f:
+                rows.append({(x["task"], x["method"], x["lr"], x["beta"], x["run"]): x for x in json.load(f)["rows"]})
+        assert rows[0].keys() == rows[1].keys(), f"{name}: other rows"
+        diff = max(abs(x[k] - rows[1][key][k]) for key, x in rows[0].items() for k in x
+                   if isinstance(x[k], (int, float)) and not isinstance(x[k], bool))
+        others = [key for key, x in rows[0].items() if x.get("predicted") != rows[1][key].get("predicted")]
+        print(f"{name}: {len(rows[0])} rows, largest difference {diff:g}" + f", {len(others)} rows answer otherwise" * bool(others))
+        differ |= diff > 0 or bool(others)
+    sys.exit(1 if differ else 0)
 
 
 def make_qwen3_shape(tokenizer: str, folder: str):
@@ -219,7 +272,7 @@ def check(a):
     ia2.run_experiment(cfg)
     sync(dev)
     wall = time.perf_counter() - t
-    res = json.load(open(os.path.join(cfg.out, "results.json")))
+    res = ia2.read_json(os.path.join(cfg.out, "results.json"))
     finite = all(math.isfinite(v) for x in res["rows"] for k, v in x.items() if k in ia2.METRICS + ("dev_loss",))
     print(f"\n== check: {a.model}, {head}; {cfg.runs} run{'s' * (cfg.runs > 1)}, {len(res['rows'])} result rows, "
           f"{wall:.0f} s in all")
@@ -241,7 +294,10 @@ def main():
     p.add_argument("--check", action="store_true", help="the default sst2 protocol end to end: time, memory, finite")
     p.add_argument("--count-ops", action="store_true", help="count the aten ops of the ia2.py command given "
                    "after --")
-    p.add_argument("--ia2", metavar="PATH", help="time or count this ia2.py instead of the one beside bench.py")
+    p.add_argument("--ia2", metavar="PATH", help="time, count or run this ia2.py instead of the one beside bench.py")
+    p.add_argument("--reference", metavar="FOLDER", help="run the three reference commands into FOLDER (--assets)")
+    p.add_argument("--assets", default=os.path.expanduser("~/.cache/ia2-assets"), help="offline-assets.sh's folder")
+    p.add_argument("--same", nargs=2, metavar=("FOLDER1", "FOLDER2"), help="compare two --reference folders")
     p.add_argument("--runs", type=int, default=5, help="--check: runs (default: the protocol's 5)")
     p.add_argument("--epochs", type=int, default=50, help="--check: maximum epochs (default: the protocol's 50)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
@@ -264,6 +320,10 @@ def main():
         spec.loader.exec_module(ia2)
     if a.count_ops:
         return count_ops(ia2_args)
+    if a.reference:
+        return reference(a.reference, a.assets)
+    if a.same:
+        return same(*a.same)
     if a.make_proxy:
         return make_proxy(a.make_proxy)
     if a.make_qwen3_shape:

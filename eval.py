@@ -98,6 +98,25 @@ def reliability(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> list
             for b in ia2.equal_mass_bins(conf, n_bins)]
 
 
+def reliability_panel(ax, conf: np.ndarray, correct: np.ndarray, color: str, title: str):
+    """One reliability diagram: each of the paper's equal-mass ECE bins as a point at its mean confidence and
+    its accuracy (on the diagonal: calibrated), over the share of examples at each confidence (grey)."""
+    bins = reliability(conf, correct)
+    ax.hist(conf, bins=np.linspace(0, 1, 21), weights=np.full(len(conf), 1 / len(conf)), color="lightgrey",
+            label="share of examples")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="calibrated")
+    ax.plot([b[1] for b in bins], [b[3] for b in bins], "o", color=color, ms=4, clip_on=False,
+            label="an equal-mass bin: mean confidence, accuracy")
+    size, last = bins[0][4], bins[-1][4]
+    sizes = f"{len(bins)} bins of {size}" if last == size else f"{len(bins) - 1} bins of {size}, 1 of {last}"
+    note = "\nno top-1 answer is right: every bin at 0" if not correct.any() else ""
+    ax.text(0.02, 0.97, f"n={len(conf)}: {sizes}{note}", va="top", fontsize=7, transform=ax.transAxes)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 over the top 10)", ylabel="accuracy in the bin")
+    ax.set_title(title, fontsize=8)
+    ax.xaxis.label.set_fontsize(7)
+    ax.yaxis.label.set_fontsize(7)
+
+
 # -----------------------------------------------------------------------------
 # one run folder: re-evaluate every method, measure asim and overlap
 
@@ -173,8 +192,8 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
     results = all_results["summary"][meta["config"]["task"]]
     cfg = ia2.Config(**{**meta["config"], "device": device})
     S = ia2.setup(cfg)
-    model, tok, T, k = S.model, S.tok, S.task, min(n_asim, len(S.task.queries))
-    evaluate = lambda seqs: ia2.predict(model, seqs, T.label_ids)
+    model, tok, T, k = ia2.add_adapters(S.model, cfg), S.tok, S.task, min(n_asim, len(S.task.queries))
+    evaluate = lambda seqs: ia2.predict_all(model, seqs, T.label_ids)
     out = dict(model=cfg.model, task=cfg.task, data=cfg.data, labels=T.labels, n_train=cfg.n_train,
                runs=cfg.runs, layers=model.config.num_hidden_layers, asim_examples=k,
                gold=T.gold[:3].tolist(), majority=ia2.majority(T.labels, T.gold), methods={})
@@ -211,7 +230,7 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
                 record("icl", r, evaluate(icl))
         out.setdefault("zero_shot_asim_runs", []).append(asim(zero_acts, teach).mean(0).tolist())
         for m in [m for m in ia2.TRAINED if m in results]:
-            ia2.load_adapter(model, adapter_folder(folder, results, m, r))
+            ia2.load_adapter_state(model, ia2.read_adapter(adapter_folder(folder, results, m, r)))
             record(m, r, evaluate(T.queries), activations(model, T.queries[:k]), teach)
             print(f"[{os.path.basename(folder)} run {r}] {m}: acc {out['methods'][m]['runs'][-1]['accuracy']:.1f}"
                   f" asim {out['methods'][m]['runs'][-1]['asim']:.3f}")
@@ -268,27 +287,14 @@ def plot_reliability(a: dict, path: str):
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
     for ax, (m, e) in zip(axes.flat, pairs):
         conf, correct = np.array(e["conf"]), np.array(e["correct"])
-        bins = reliability(conf, correct)
-        ax.hist(conf, bins=np.linspace(0, 1, 41), weights=np.full(len(conf), 1 / len(conf)), color="lightgrey",
-                label="share of examples")
-        ax.plot([b[1] for b in bins], [b[3] for b in bins], "o-", color="tab:blue", ms=4, label="equal-mass bin")
-        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-        sizes = sorted({b[4] for b in bins})
-        ax.text(0.02, 0.97, f"n={len(conf)} ({len(e['runs'])} run{'s' * (len(e['runs']) > 1)} pooled)\n"
-                f"{len(bins)} bins of {'/'.join(map(str, sizes))}", va="top", fontsize=7, transform=ax.transAxes)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1, renormalised over top 10)",
-               ylabel="top-1 accuracy in bin",
-               title=f"{m}\nECE {ia2.ece(conf, correct):.3f} (equal mass) · "
-                     f"{ia2.ece_equal_width(np.array(e['max_p']), correct):.3f} (equal width)")
-        ax.title.set_fontsize(8)
-        ax.xaxis.label.set_fontsize(7)
-        ax.yaxis.label.set_fontsize(7)
+        runs = f"{len(e['runs'])} run{'s' * (len(e['runs']) > 1)}"
+        reliability_panel(ax, conf, correct, COLORS[m], f"{m}\nECE {ia2.ece(conf, correct):.3f} (equal mass) · "
+                          f"{ia2.ece_equal_width(np.array(e['max_p']), correct):.3f} (equal width), {runs} pooled")
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6, loc="center left")
-    fig.suptitle(f"Reliability: {title(a)}. Each dot: one of the paper's ECE bins (mean confidence, accuracy); "
-                 "ECE of the pooled runs", fontsize=9)
-    fig.tight_layout()
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
+    fig.suptitle(f"Reliability: {title(a)}; the paper's ECE bins of the pooled runs", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -438,7 +444,7 @@ def run(folders: list, out: str, device: str, n_asim: int):
                   "measured for single-token runs evaluated on their own task)\n")
             continue
         path = os.path.join(folder, "analysis.json")
-        a = json.load(open(path)) if os.path.isfile(path) else {}
+        a = ia2.read_json(path) if os.path.isfile(path) else {}
         if "adapter" not in a:  # not written by this version of eval.py
             a = analyse(folder, device, n_asim)
             write(path, json.dumps(a))

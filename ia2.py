@@ -5,405 +5,223 @@ reproduce the self-attention outputs that the same model produces *with* N-1 dem
 as usual (SFT). Mishra, Khashabi, Liu. "IA2: Alignment with ICL Activations Improves Supervised Fine-Tuning."
 ICLR 2026, arXiv:2509.22621.
 
-How to read this file. Sections 1-7 are the method, in the order of the paper, and read on their own: small
-functions, each equation once. They are the code for one adapter, except section 2, which holds all of the
-batching that trains a method's whole grid of adapters at once (one slot per adapter). Sections 8 and 9 are
-the experiment around the method: the 12 tasks and the few-shot protocol, then the run and its tables.
-
-  1. the adapters by hand: LoRA, (IA)³ (§5; Tables 6, 16-20) ....... LoRALinear, IA3Linear, add_adapters
-  2. many adapters in one batch ........................................ adapters, batches, token_budget
-  3. the self-attention outputs of every layer (§2) ................... capture_activations, forward
-  4. the teacher: the base model reading N-1 demos (§3, §4) ............ generate, teacher
-  5. the losses: IA2 (Eq. 4), SFT (Eq. 2), IA2+SFT (§6), KD ........... ia2_loss, sft_loss, kd_loss
-  6. training, every (lr, run) adapter of a method at once (§5) ........ train, Adam
-  7. evaluation: accuracy, ECE, generated answers (§5) ................ predict, metrics, ece, parse_answer
-  8. the tasks, the prompts, the few-shot protocol (§5, App. A) ........ TASKS, load_task, few_shot_split
-  9. the experiment and the paper's selection of the lr ............... run_experiment
+Part I is IA2 for one adapter, in the order of the paper; a reader who stops at its end has read the method:
+  1. the prompts and the few-shot split of a run (§5, App. A) .......... make_prompt, few_shot_split
+  2. the adapters by hand: LoRA, (IA)³ (§5; Tables 6, 16-20) ........... LoRALinear, IA3Linear, add_lora
+  3. the self-attention outputs of every layer (§2) ..................... capture_activations, forward
+  4. the losses: IA2 (Eq. 4), SFT (Eq. 2), IA2+SFT (§6), KD (Table 4) ... ia2_loss, sft_loss, objective_loss
+  5. the teacher: the base model reading the N-1 demos (§3, §4) ........ generate, teacher
+  6. training, and IA2→SFT (§4, §5) ..................................... fit, ia2_then_sft
+  7. evaluation: top-1 accuracy, ECE, generated answers (§5) ............ predict, metrics, ece
+Part II runs the paper's protocol fast: a method's whole grid of (lr, run, β) adapters trains as one model
+with K adapters per forward pass, on Part I's forward, teacher, losses and metrics (a test checks each of its
+adapters against Part I's `fit`); then the 12 tasks, the experiment, its tables and the command line.
 
 Symbols: X the query prompt ("Text:a gripping film\nLabel:"); Y its ground truth; I the other N-1 training
 examples (the demos); Ŷ the base model's greedy answer with demos, T' <= T tokens; A_ICL (L, T', D) its
-self-attention outputs at d_icl+t; L, D layers and hidden size; T = 1 (single-token tasks) or 200; r, α
-the LoRA rank and scale numerator (8, 8); l the (IA)³ vector; β the weight of the SFT term in IA2+SFT.
+self-attention outputs at d_icl+t; d_q, d_icl the last prompt token of X and of I∘X; L, D layers and hidden
+size; T = 1 (single-token tasks) or 200; r, α the LoRA rank and scale numerator (8, 8); l the (IA)³ vector;
+β the weight of the SFT term in IA2+SFT.
 
-    python ia2.py --model Qwen/Qwen3-0.6B --task sst2       # a table of accuracy and ECE per method
-    python ia2.py --model Qwen/Qwen3-0.6B --task sst2 --eval-tasks sst2 finsen poems
+    python ia2.py --model Qwen/Qwen3-0.6B --task sst2      # the paper's protocol: accuracy and ECE per method
+    python ia2.py --model Qwen/Qwen3-0.6B --task sst2 --eval-tasks sst2 finsen poems --adapter ia3
     python ia2.py --model Qwen/Qwen3-0.6B --task gsm8k
-    python ia2.py --model Qwen/Qwen3-0.6B --task sst2 --adapter ia3
 
-But (README.md lists every deviation from the official code): the best dev checkpoint is really restored
-(--restore last keeps the last, as the official code does); torch is seeded; padded batches replace
-gradient accumulation; adapters, logits and losses are fp32; one KV-cached rollout gives Ŷ, A_ICL and the
-KD targets.
+One adapter from Python (tutorial.ipynb), with train and dev items from training_items():
+    add_lora(model); teacher(model, train + dev, 1, tok.eos_token_id); ia2_then_sft(model, train, dev, 1e-3)
+
+But (README.md, Deviations): the best dev checkpoint is really restored (restore="last" keeps the last, as the
+official code does); torch is seeded; padded batches replace gradient accumulation; adapters, logits and
+losses are fp32; one KV-cached rollout gives Ŷ, A_ICL and the KD targets.
 """
-import argparse
-import collections
 import contextlib
-import csv
-import dataclasses
 import functools
-import glob
 import inspect
-import itertools
-import json
 import math
-import os
 import random
-import re
-import shutil
-import signal
-import string
-import sys
-import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm  # installed with transformers and datasets
-
-METHODS = ("zero_shot", "icl", "sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_then_sft_icl", "ia2_plus_sft",
-           "kd")
-TRAINED = METHODS[2:]
-OBJECTIVE = dict(sft="sft", sft_icl="sft_icl", ia2="ia2", ia2_then_sft="sft", ia2_then_sft_icl="sft_icl",
-                 ia2_plus_sft="ia2_plus_sft", kd="kd")  # ia2_then_sft(_icl): SFT continuing the ia2 adapter
-METRICS = ("accuracy", "label_accuracy", "ece", "ece_equal_width")  # multi-token tasks: accuracy only
 
 
 class IA2Error(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
-
-
-def warn(message: str):
-    print(f"ia2.py: warning: {message}", file=sys.stderr)
+    """A problem with the input or the run, said in one line (the command line exits with code 2)."""
 
 
 # -----------------------------------------------------------------------------
-# Configuration: one dataclass; the command line and the check of each value come from it
+# 1. The prompts and the few-shot split of one run (§5 "Data Setup", App. A; create_training_datasets.py)
 
 
-def arg(default, help, ok=None):
-    """A Config field: its default, its --help and, optionally, (test, what it must be) for its value."""
-    return field(default=default, metadata=dict(help=help, ok=ok))
+def make_prompt(x: str, demos=()) -> str:
+    """I∘X: demos are 'question+answer', joined by a blank line; one more precedes the query X."""
+    return "".join(d + "\n\n" for d in demos) + x
 
 
-def at_least(n):
-    return lambda v: v >= n, f">= {n}"
+def encode(tok, prompt: str) -> list:
+    return tok(prompt).input_ids  # with the tokenizer's BOS, if it adds one (Llama, Gemma do; Qwen does not)
 
 
-def one_of(*values):
-    return lambda v: v in values, ", ".join(values[:-1]) + " or " + values[-1]
+def answer_text(labels, y) -> str:
+    return labels[y] if labels else y  # single-token tasks: the label string; multi-token: the answer itself
 
 
-@dataclass
-class Config:
-    model: str = arg("Qwen/Qwen3-0.6B", "Hub id or folder of a causal LM (paper: Qwen3-4B-Base, Llama-3.2)")
-    task: str = arg("sst2", "the task trained on (--list-tasks)", (
-        lambda v: v in TASKS and TASKS[v]["splits"][0], "a task with training data (--list-tasks)"))
-    eval_tasks: tuple = arg(None, "tasks evaluated on, e.g. sst2 finsen poems (ICL demos from --task: the "
-                            "OOD protocol); unset: --task", (lambda v: v in TASKS, "a task of --list-tasks"))
-    data: tuple = arg(None, "local data, FILE (for --task) or TASK=FILE ...: .csv, .tsv, .jsonl, .json or "
-                      ".parquet with the template's fields and label (a label or its index) or answer")
-    labels: tuple = arg(None, "label strings instead of the task's (sst2: 0 1), one token each; a leading "
-                        "space counts: --labels ' negative' ' positive'")
-    n_train: int = arg(4, "N, labelled examples per run (paper: 4 Qwen, 8 Llama)", at_least(2))
-    runs: int = arg(5, "runs r = 0..runs-1, each a different draw of the N examples (paper: 5)", at_least(1))
-    adapter: str = arg("lora", "lora, or ia3: (IA)³, a learned scale of each target's input (Tables 6, 16)",
-                       one_of("lora", "ia3"))
-    lr: tuple = arg(None, "lr grid; unset: the adapter's grid in the paper (lora 1e-4 3e-4 1e-3, ia3 1e-1 "
-                    "1e-2 1e-3)", (lambda v: v > 0, "> 0"))
-    beta: tuple = arg((0.1, 0.5, 0.7, 0.9), "β grid of ia2_plus_sft, (1-β)·L_IA2 + β·L_SFT(Ŷ) (paper: Qwen "
-                      "0.1 0.5 0.7 0.9, Llama 0.001 0.01 0.05 0.5)", (lambda v: 0 <= v <= 1, "in [0, 1]"))
-    methods: tuple = arg(METHODS[:-1], f"any of {' '.join(METHODS)} (kd only when named)", one_of(*METHODS))
-    eval_size: int = arg(500, "evaluation examples, never trained on (paper: 500)", at_least(1))
-    pool_size: int = arg(2000, "pool of the N examples, the dev set and the demos (paper: 2000)", at_least(1))
-    epochs: int = arg(50, "maximum epochs (paper: 50)", at_least(1))
-    patience: int = arg(5, "stop after this many dev checks without a new best (paper: 5)", at_least(1))
-    batch_size: int = arg(4, "examples per step, min(this, N) (paper: 4)", at_least(1))
-    rank: int = arg(8, "LoRA's rank r; α = r (paper: 8)", at_least(1))
-    targets: str = arg("qko", "the adapter on these of each layer: q k v o (paper: qko; Table 7: qk, qkv)",
-                       (lambda v: len(v) == len(set(v)) > 0 and set(v) <= set("qkvo"), "letters of qkvo"))
-    restore: str = arg("best", "adapter kept: best (lowest dev loss: what the official code means to do) or "
-                       "last (what it does)", one_of("best", "last"))
-    max_new_tokens: int = arg(None, "multi-token tasks: the rollout length T and the generation limit "
-                              "(paper: 200; hmath_algebra's evaluation: 400)", at_least(1))
-    seed: int = arg(0, "run r seeds its split, demo order, init and shuffles with seed + r (paper: r)")
-    device: str = arg("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu",
-                      one_of("auto", "cuda", "mps", "cpu"))
-    dtype: str = arg("auto", "the base model's dtype: auto (bfloat16 on a GPU that has it natively, else "
-                     "float32), bfloat16, float16, float32", one_of("auto", "bfloat16", "float16", "float32"))
-    out: str = arg(None, "output folder; unset: runs/<task>-<model>-n<N>-<time>")
-    list_tasks: bool = arg(False, "print the task table and exit")
-
-    def __post_init__(self):
-        if self.lr is None:
-            self.lr = LR_GRIDS.get(self.adapter, ())
+def few_shot_split(pool: list, n: int, seed: int):
+    """Run r, with one RandomState(r) as in the official code: permute the pool; train = the first N, dev =
+    the next min(48, N//2), rest = the ICL-evaluation demos. The same generator then shuffles, for each
+    training query i, the other N-1 training indices: its demos, in that order."""
+    rng = np.random.RandomState(seed)
+    perm, n_dev, orders = rng.permutation(len(pool)), min(48, n // 2), []
+    for i in range(n):
+        orders.append([j for j in range(n) if j != i])
+        rng.shuffle(orders[-1])
+    train, dev, rest = ([pool[i] for i in idx] for idx in (perm[:n], perm[n:n + n_dev], perm[n + n_dev:]))
+    return train, dev, rest, orders
 
 
-LR_GRIDS = dict(lora=(1e-4, 3e-4, 1e-3), ia3=(1e-1, 1e-2, 1e-3))  # each adapter's paper grid (§5, App. B)
+def training_items(tok, labels, train: list, dev: list, orders: list):
+    """(X, y) pairs -> items: x = X's ids, icl = I∘X's, y_ids = the answer's, tokenised apart from the prompt
+    (+ EOS for an answer text). Query i's demos are the other training examples in the order orders[i]; dev
+    example j reuses query j's (official code)."""
+    shots = [x + answer_text(labels, y) for x, y in train]
+
+    def item(j, x, y):
+        y_ids = tok(answer_text(labels, y), add_special_tokens=False).input_ids
+        demos = [shots[k] for k in orders[j]]
+        return dict(x=encode(tok, x), y=y, y_ids=y_ids + [tok.eos_token_id] * (not labels),
+                    icl=encode(tok, make_prompt(x, demos)))
+    return [item(j, x, y) for j, (x, y) in enumerate(train)], [item(j, x, y) for j, (x, y) in enumerate(dev)]
 
 
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        if f.type is tuple:
-            kw = dict(nargs="+", type=float if f.name in ("lr", "beta") else str)
-        elif f.type is bool:
-            kw = dict(action=argparse.BooleanOptionalAction)
-        else:
-            kw = dict(type=f.type)
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kw)
-    cfg = Config(**vars(p.parse_args(argv)))
-    for f in dataclasses.fields(Config):  # each value against the condition written beside its field
-        value = getattr(cfg, f.name)
-        for v in value if f.type is tuple and value else [value]:
-            if f.metadata["ok"] and v is not None and not f.metadata["ok"][0](v):
-                raise IA2Error(f"--{f.name.replace('_', '-')} {v}: must be {f.metadata['ok'][1]}")
-    return cfg
+def icl_eval_prompts(tok, labels, demos_pool: list, eval_set: list, k: int, seed: int) -> list:
+    """ICL evaluation: k = N-1 demos per query drawn from the held-out rest of the pool with RandomState(r).
+    For an OOD task the pool and `labels` are the source task's, the queries the OOD task's (§5)."""
+    rng, prompts = np.random.RandomState(seed), []
+    for x, _ in eval_set:
+        drawn = rng.choice(len(demos_pool), k, replace=False)
+        demos = [demos_pool[i][0] + answer_text(labels, demos_pool[i][1]) for i in drawn]
+        prompts.append(encode(tok, make_prompt(x, demos)))
+    return prompts
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 # -----------------------------------------------------------------------------
-# 1. The adapters, by hand, K of a kind side by side (§5; Tables 6, 16-20), W0 frozen, adapters fp32:
-#    LoRA, h = W0 x + (α/r)·B A x (r=8, α=8 on q, k, o); (IA)³, h = W0 (l ⊙ x)
+# 2. The adapters, by hand (§5; Tables 6, 16-20): W0 frozen, the adapter fp32 whatever the base model's dtype.
+#    LoRA, h = W0 x + (α/r)·B A x (r = α = 8, on q, k, o); (IA)³, h = W0 (l ⊙ x)
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus K LoRA adapters side by side, A (K, r, d_in) and B (K, d_out, r), so that many
-    adapters (lrs x runs) train and evaluate in one forward pass: batch row i goes through adapter rows[i]
-    (set by `adapters`); with rows unset, adapter 0 serves every row."""
-    PEFT = dict(A="lora_A.weight", B="lora_B.weight")  # each tensor's name in PEFT's saved layout
+    """A frozen nn.Linear W0 plus a low-rank update B A. A starts Kaiming-uniform and B zero, so ΔW = BA = 0:
+    the model starts as the base model."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, K: int = 1):
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 8):
         super().__init__()
-        self.base, self.scale, self.enabled, self.rows = base, alpha / r, True, None
-        self.A = nn.Parameter(torch.empty(K, r, base.in_features, device=base.weight.device))   # fp32
-        self.B = nn.Parameter(torch.empty(K, base.out_features, r, device=base.weight.device))  # fp32
-        for k in range(K):
-            self.reset(k)
+        self.base, self.scale, self.enabled = base, alpha / r, True
+        self.A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.B = nn.Parameter(torch.empty(base.out_features, r, device=base.weight.device))
+        self.init(self.A, self.B)
 
-    def reset(self, k: int = 0):
-        nn.init.kaiming_uniform_(self.A[k], a=math.sqrt(5))  # PEFT's default, used by the official code
-        nn.init.zeros_(self.B[k])  # B = 0, so ΔW = BA = 0 and the model starts as the base model
+    @staticmethod
+    def init(A, B):
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # PEFT's default, used by the official code
+        nn.init.zeros_(B)
+
+    def weights(self):
+        return self.A, self.B  # (the many-adapters engine gives each batch row its own A, B here)
 
     def forward(self, x):
         y = self.base(x)
         if not self.enabled:
             return y
-        A, B = (self.A[0], self.B[0]) if self.rows is None else (self.A[self.rows], self.B[self.rows])
-        return y + (self.scale * (x.float() @ A.mT @ B.mT)).to(y.dtype)  # + (α/r)·B A x, row by row
+        A, B = self.weights()
+        return y + (self.scale * (x.float() @ A.mT @ B.mT)).to(y.dtype)  # + (α/r)·B A x
 
 
 class IA3Linear(nn.Module):
-    """A frozen nn.Linear whose input is scaled by a learned vector, h = W0 (l ⊙ x): (IA)³ (Liu et al. 2022)
-    as the official code configures PEFT, every target a "feed-forward" module. K vectors side by side, l (K,
-    1, d_in), batch row i through l[rows[i]], as in LoRALinear."""
-    PEFT = dict(l="ia3_l")
+    """A frozen nn.Linear W0 whose input is scaled by a learned vector l (1, d_in), l = 1 at the start: (IA)³
+    (Liu et al. 2022) as the official code configures PEFT, every target a "feed-forward" module."""
 
-    def __init__(self, base: nn.Linear, K: int = 1):
+    def __init__(self, base: nn.Linear):
         super().__init__()
-        self.base, self.enabled, self.rows = base, True, None
-        self.l = nn.Parameter(torch.ones(K, 1, base.in_features, device=base.weight.device))  # fp32
+        self.base, self.enabled = base, True
+        self.l = nn.Parameter(torch.empty(1, base.in_features, device=base.weight.device))
+        self.init(self.l)
 
-    def reset(self, k: int = 0):
-        nn.init.ones_(self.l[k])  # l = 1: the model starts as the base model
+    @staticmethod
+    def init(l):
+        nn.init.ones_(l)
+
+    def weights(self):
+        return self.l,
 
     def forward(self, x):
         if not self.enabled:
             return self.base(x)
-        l = self.l[0] if self.rows is None else self.l[self.rows]  # (1, d_in), or (B, 1, d_in) for B rows
-        return self.base((x.float() * l).to(x.dtype))  # W0 (l ⊙ x), row by row
+        l, = self.weights()
+        return self.base((x.float() * l).to(x.dtype))  # W0 (l ⊙ x)
 
 
 ADAPTERS = (LoRALinear, IA3Linear)
+QKO = ("q_proj", "k_proj", "o_proj")  # the paper's targets in every layer (Table 7: qko, qkv, qk)
 
 
-def add_lora(model, targets=("q_proj", "k_proj", "o_proj"), r=8, alpha=8, K=1):
-    return wrap(model, targets, lambda base: LoRALinear(base, r, alpha, K), f"LoRA r={r} α={alpha}", K)
+def add_lora(model, targets=QKO, r: int = 8, alpha: float = 8):
+    """Freezes the model and wraps each target of every layer in a fresh LoRALinear (of an adapter already
+    there: its base). The init draws from torch's generator, module by module: set_seed first to repeat it."""
+    return wrap(model, targets, lambda base: LoRALinear(base, r, alpha))
 
 
-def add_ia3(model, targets=("q_proj", "k_proj", "o_proj"), K=1):
-    return wrap(model, targets, lambda base: IA3Linear(base, K), "(IA)³", K)
+def add_ia3(model, targets=QKO):
+    return wrap(model, targets, IA3Linear)
 
 
-def wrap(model, targets, adapter, name: str, K: int):
-    """Freeze the model and wrap every targeted nn.Linear (or the base of an adapter already there) in
-    adapter(it)."""
+def wrap(model, targets, adapter):
     model.requires_grad_(False)
     for module in list(model.modules()):
-        for t in targets:
-            old = getattr(module, t, None)
-            if isinstance(old, (nn.Linear, *ADAPTERS)):
-                setattr(module, t, adapter(getattr(old, "base", old)))
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad) // K
-    print(f"{name} on {','.join(targets)}: {n:,} trainable parameters" + f" x {K} adapters" * (K > 1))
+        for name, child in list(module.named_children()):
+            if name in targets and isinstance(child, (nn.Linear, *ADAPTERS)):
+                setattr(module, name, adapter(getattr(child, "base", child)))
     return model
-
-
-def adapter_targets(cfg: Config) -> tuple:
-    return tuple(f"{c}_proj" for c in cfg.targets)  # "qko" -> q_proj, k_proj, o_proj
-
-
-def add_adapters(model, cfg: Config, K: int = 1):
-    """K fresh adapters of --adapter's kind on --targets."""
-    if cfg.adapter == "ia3":
-        return add_ia3(model, adapter_targets(cfg), K)
-    return add_lora(model, adapter_targets(cfg), r=cfg.rank, alpha=cfg.rank, K=K)
 
 
 def adapter_modules(model) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, ADAPTERS)}
 
 
-def adapter_state(model, k: int = 0) -> dict:
-    """A copy of adapter k: {module name: (A, B)} for LoRA, {module name: (l,)} for (IA)³."""
-    modules = adapter_modules(model)
-    return {n: tuple(getattr(m, p)[k].detach().clone() for p in m.PEFT) for n, m in modules.items()}
-
-
-def load_adapter_state(model, state: dict, k: int = 0):
-    with torch.no_grad():
-        for n, m in adapter_modules(model).items():
-            for p, t in zip(m.PEFT, state[n]):
-                getattr(m, p)[k].copy_(t)
-
-
-def save_adapter(model, folder: str, cfg: Config, k: int = 0):
-    """Adapter k in PEFT's layout: peft.PeftModel.from_pretrained(base_model, folder) loads it (tested)."""
-    from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
-    tensors, modules = {}, adapter_modules(model)
-    for n, ts in adapter_state(model, k).items():
-        for key, t in zip(modules[n].PEFT.values(), ts):
-            tensors[f"base_model.model.{n}.{key}"] = t.cpu().contiguous()
-    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-    targets = list(adapter_targets(cfg))
-    config = dict(task_type="CAUSAL_LM", base_model_name_or_path=cfg.model, inference_mode=True)
-    if cfg.adapter == "ia3":
-        config.update(peft_type="IA3", target_modules=targets, feedforward_modules=targets,
-                      fan_in_fan_out=False, init_ia3_weights=True)
-    else:
-        config.update(peft_type="LORA", r=cfg.rank, lora_alpha=cfg.rank, lora_dropout=0.0, bias="none",
-                      target_modules=targets, init_lora_weights=True)
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def read_adapter(folder: str) -> dict:
-    """A saved adapter, as adapter_state gives it."""
-    from safetensors.torch import load_file
-    path = os.path.join(folder, "adapter_model.safetensors")
-    if not os.path.isfile(path):
-        raise IA2Error(f"no adapter at {path}")
-    t = load_file(path)
-    keys = (IA3Linear if any(k.endswith(".ia3_l") for k in t) else LoRALinear).PEFT.values()
-    first = "." + next(iter(keys))
-    names = [k[len("base_model.model."):-len(first)] for k in t if k.endswith(first)]
-    return {n: tuple(t[f"base_model.model.{n}.{key}"] for key in keys) for n in names}
-
-
-def load_adapter(model, folder: str, k: int = 0):
-    load_adapter_state(model, read_adapter(folder), k)
-
-
-# -----------------------------------------------------------------------------
-# 2. Many adapters in one batch. A method's grid (3 lrs x 5 runs = 15 jobs; 60 with the β grid) trains as one
-#    model with K adapters side by side: slot k of every adapter tensor is job k's. One batch holds the rows
-#    of every job, each row routed through its job's slot (`adapters`), so that one forward and backward
-#    serves all the jobs, each gradient landing in its own slot. `batches` sorts the rows by length and cuts
-#    them into pieces that fit the memory. The method's own code (forward, the teacher, the losses) never
-#    sees a slot; training and evaluation only pass each row's slot to `batches`.
-
-
 @contextlib.contextmanager
-def set_adapters(model, **values):
-    """Inside the block, these attributes of every adapter module have these values."""
+def without_adapters(model):
+    """Inside the block the model is the base model: the teacher, zero-shot, ICL."""
     mods = list(adapter_modules(model).values())
-    old = [{k: getattr(m, k) for k in values} for m in mods]
+    old = [m.enabled for m in mods]
     for m in mods:
-        m.__dict__.update(values)
+        m.enabled = False
     try:
         yield model
     finally:
-        for m, o in zip(mods, old):
-            m.__dict__.update(o)
+        for m, enabled in zip(mods, old):
+            m.enabled = enabled
 
 
-def adapters(model, rows):
-    """Inside the block, batch row i goes through adapter rows[i] (None: adapter 0 for every row)."""
-    return set_adapters(model, rows=None if rows is None else torch.as_tensor(rows, device=model.device))
+def adapter_state(model) -> dict:
+    """A copy of the adapter: {parameter name: tensor}; the rest of the model is frozen."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def without_adapters(model):
-    """Inside the block the model is the base model: the teacher, zero-shot, ICL."""
-    return set_adapters(model, enabled=False)
-
-
-# Bytes that autograd keeps per token and layer, per unit of the widths D (hidden), Dq (heads x head_dim), Dkv
-# (kv heads x head_dim) and D_mlp, for a base model of 2-byte (bf16, fp16) or 4-byte floats with K LoRA
-# adapters: fitted to saved-tensor measurements of Qwen3 (exact there; Llama, Qwen2, Gemma 3 within ±30 %:
-# tested).
-SAVED = {2: (16.3, 12.6, 8.3, 6.0), 4: (12.3, 12.6, 12.3, 12.0)}
-
-
-def bytes_per_token(model, grad: bool) -> float:
-    """The memory one token of a forward pass takes: with gradients, what every layer saves for the backward
-    (SAVED); without, a rollout's KV cache and one layer's activations."""
-    c, b = model.config, model.dtype.itemsize
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    widths = (c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size)
-    if grad:
-        return c.num_hidden_layers * sum(k * w for k, w in zip(SAVED[min(b, 4)], widths))
-    return 2 * b * c.num_hidden_layers * widths[2] + 4 * b * (widths[0] + widths[3])
-
-
-def token_budget(model, grad: bool) -> int:
-    """Tokens (rows x padded length) per forward pass. On a GPU, as many as half of its free and reusable
-    (cached) memory holds, less the fp32 copy of the LM head that lm_logits makes. On a CPU or a Mac 2048: on
-    a CPU larger batches are not faster."""
-    if model.device.type != "cuda":
-        return 2048
-    dev = model.device
-    free = torch.cuda.mem_get_info(dev)[0]
-    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # cached by torch, reusable
-    return max(512, int((free - 4 * model.lm_head.weight.numel()) / 2 / bytes_per_token(model, grad)))
-
-
-def read_tokens(model, grad: bool, per_read: int) -> float:
-    """What a position whose logits are computed costs, in tokens of the budget: per_read·V bytes (with
-    gradients 12: fp32 logits, their log-softmax and its gradient; kd 24, with the teacher's
-    log-probabilities; without 8). 0 on a CPU, whose budget counts tokens alone."""
-    if model.device.type != "cuda":
-        return 0.0
-    return per_read * model.config.vocab_size / bytes_per_token(model, grad)
-
-
-def spans(lengths: list, budget: int) -> list:
-    """Consecutive slices of rows, each as many rows as fit `budget` tokens when padded to its longest."""
-    out, start, longest = [], 0, 0
-    for i, n in enumerate(lengths):
-        longest = max(longest, n)
-        if i > start and (i + 1 - start) * longest > budget:
-            out.append(slice(start, i))
-            start, longest = i, n
-    return out + [slice(start, len(lengths))] if lengths else []
-
-
-def batches(model, rows: list, length, grad: bool, sort=True):
-    """rows: (slot, item) pairs, slot the adapter the item goes through (None: the model as it is). Sorted by
-    length(item), so that little padding is computed (sort=False keeps their order), and cut into pieces of at
-    most token_budget tokens when padded; yields (indices into rows, items) per piece, while the model routes
-    the piece's row i through its slot."""
-    order = sorted(range(len(rows)), key=lambda i: length(rows[i][1])) if sort else list(range(len(rows)))
-    for part in spans([length(rows[i][1]) for i in order], token_budget(model, grad)):
-        idx = order[part]
-        slots = [rows[i][0] for i in idx]
-        with adapters(model, None if slots[0] is None else slots):
-            yield idx, [rows[i][1] for i in idx]
+def load_adapter_state(model, state: dict):
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
 
 
 # -----------------------------------------------------------------------------
-# 3. Activation capture: the self-attention output of every decoder layer (§2)
+# 3. The self-attention output of every decoder layer (§2), read where the answer is
 
 
 @contextlib.contextmanager
@@ -412,6 +230,7 @@ def capture_activations(model):
     layers[l].self_attn, i.e. o_proj's output before the residual add (not hidden_states)."""
     layers, acts = model.model.layers, []
     assert len(layers) == model.config.num_hidden_layers, "unexpected decoder layout"
+
     def keep(mod, args, out):
         acts.append(out[0] if isinstance(out, tuple) else out)
     handles = [layer.self_attn.register_forward_hook(keep) for layer in layers]
@@ -452,15 +271,71 @@ def forward(model, prompts: list, targets=None, capture=False, logits=True):
 
 
 # -----------------------------------------------------------------------------
-# 4. The teacher: the base model reading the N-1 demos, then the query (§3, §4)
+# 4. The losses (Eq. 2, Eq. 4, §6, Table 4): one per example, averaged over its own positions
+
+
+def ia2_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, T, D) student and teacher activations at the aligned positions, mask (B, T) the real ones.
+    L_IA2 = L · mean((S - A_ICL)²) over (L, T', D): the per-layer MSE summed over layers (official code;
+    Eq. 4 writes a norm). Returns (B,)."""
+    se = (student.float() - teacher.float()).pow(2).mean(-1) * mask[:, None]  # (B, L, T)
+    return (se.sum(-1) / mask.sum(-1, keepdim=True)).sum(1)  # per-layer MSE (B, L), summed over layers
+
+
+def sft_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced cross-entropy (official code; Eq. 2 generates) of the target tokens (B, T), -100 where
+    there is none, averaged over each example's tokens. Returns (B,)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+    return ce.sum(1) / (target != -100).sum(1)
+
+
+def kd_loss(logits: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Soft labels (Table 4): KL(p_ICL,t ‖ p_student,t) over the whole vocabulary at each aligned position,
+    averaged over positions. (B, T, V) logits and log-probs; returns (B,)."""
+    logq = logits.float().log_softmax(-1)
+    kl = (teacher_logp.exp() * (teacher_logp - logq)).sum(-1)  # Σ_v p log(p/q), (B, T)
+    return (kl * mask).sum(1) / mask.sum(1)
+
+
+def padded(xs: list, T: int) -> torch.Tensor:
+    """Stack (..., T', k) tensors, zero-padded to T along their second-to-last dimension."""
+    return torch.stack([F.pad(x, (0, 0, 0, T - x.shape[-2])) for x in xs])
+
+
+def target_of(objective: str, item: dict) -> list:
+    """What the student reads after X (official code): the ground truth Y for sft, the ICL outputs for
+    sft_icl, the rollout cut as generate() stops for kd, the teacher's rollout Ŷ otherwise."""
+    return item[dict(sft="y_ids", sft_icl="y_out", kd="y_kd").get(objective, "y_icl")]
+
+
+def objective_loss(model, objective: str, batch: list, beta=0.5) -> torch.Tensor:
+    """Each example's loss (B,); the student reads X∘target and is read at d_q+t. sft, sft_icl:
+    cross-entropy; ia2; ia2_plus_sft = (1-β)·L_IA2 + β·L_SFT(Ŷ) in one forward (the official code's convex
+    form; β a number or one per example); kd."""
+    targets, capture = [target_of(objective, it) for it in batch], objective in ("ia2", "ia2_plus_sft")
+    logits, acts = forward(model, [it["x"] for it in batch], targets, capture, logits=objective != "ia2")
+    T, dev = max(map(len, targets)), model.device
+    target = torch.tensor([y + [-100] * (T - len(y)) for y in targets], device=dev)
+    if objective in ("sft", "sft_icl"):
+        return sft_loss(logits, target)
+    if objective == "kd":
+        return kd_loss(logits, padded([it["logp_icl"] for it in batch], T).to(dev), target != -100)
+    l_ia2 = ia2_loss(acts, padded([it["A_icl"] for it in batch], T).to(dev), target != -100)
+    if objective == "ia2":
+        return l_ia2
+    beta = torch.as_tensor(beta, device=dev)
+    return (1 - beta) * l_ia2 + beta * sft_loss(logits, target)
+
+
+# -----------------------------------------------------------------------------
+# 5. The teacher: the base model reading the N-1 demos, then the query (§3, §4)
 
 
 @contextlib.contextmanager
 def pads_zeroed(model, pad: torch.Tensor):
     """Inside the block, every layer's self-attention output is 0 at the positions that pad (B, R) marks. A
     left pad's query has no key to attend to: CPU kernels return 0 there, some GPU kernels NaN, which 0·NaN
-    then carries into every real row of the next layer (README). With this, every backend gives the rows the
-    CPU's numbers."""
+    then carries into every real row of the next layer. With this, every backend gives the CPU's numbers."""
     def zero(mod, args, out):
         if isinstance(out, tuple):
             return (out[0].masked_fill(pad[..., None], 0), *out[1:])
@@ -522,7 +397,7 @@ def generate(model, prompts: list, max_new: int, eos: set, stop=None, capture=Fa
 
 def try_fp32(model) -> str:
     """What an error about nan or inf suggests: a dtype with the range of fp32, unless it is fp32 already."""
-    return "" if model.dtype == torch.float32 else "; try --dtype float32"
+    return "" if model.dtype == torch.float32 else "; try float32 (--dtype float32)"
 
 
 def kv_cache(model) -> dict:
@@ -533,30 +408,23 @@ def kv_cache(model) -> dict:
     return {name: DynamicCache(config=model.config)}
 
 
-def teacher(model, items: list, T: int, eos_id: int, scores=False):
+def teacher(model, items: list, T: int, eos_id: int, kd=False) -> list:
     """Adds to each item Ŷ (y_icl) and A_ICL (L, T', D) at d_icl+t: one greedy rollout of the base model on
     I∘X, stopped only at the tokenizer's EOS, with no "\\n\\n" stop (official get_activations; T=1 for
-    single-token tasks). Where the official code calls generate() instead, which stops at every EOS of the
-    generation_config, the rollout is cut there: y_out, the "ICL outputs" (targets of sft_icl,
-    ia2_then_sft_icl; icl_output), and, for kd, y_kd with its log-probabilities (T', V)
-    (collect_icl_distributions: no EOS appended). These stay on the device, unless on a GPU they would take
-    more than a quarter of its free memory: then in pinned host memory."""
-    eos, read = eos_ids(model, eos_id), read_tokens(model, False, 8)
-    host = scores and model.device.type == "cuda" and (
-        4 * len(items) * T * model.config.vocab_size > torch.cuda.mem_get_info(model.device)[0] / 4)
-    rows = [(None, it) for it in items]
+    single-token tasks: one forward). Where the official code calls generate() instead, which stops at every
+    EOS of the generation_config, the rollout is cut there: y_out, the "ICL outputs" (targets of sft_icl and
+    ia2_then_sft_icl), and, with kd, y_kd with its log-probabilities logp_icl (T', V)."""
+    eos = eos_ids(model, eos_id)
     with without_adapters(model):
-        for _, part in batches(model, rows, lambda it: len(it["icl"]) + T + read, grad=False, sort=False):
-            outs = generate(model, [it["icl"] for it in part], T, {eos_id}, capture=True, scores=scores)
-            if not all(torch.isfinite(o["acts"]).all() for o in outs):
-                raise IA2Error(f"the teacher's activations (A_ICL) are nan or inf ({model.dtype} on "
-                               f"{model.device.type})" + try_fp32(model))
-            for it, o in zip(part, outs):
-                it.update(y_icl=o["tokens"], A_icl=o["acts"], y_out=icl_output(o["tokens"], T, eos, eos_id))
-                if scores:
-                    n = generate_length(o["tokens"], eos)
-                    logp = o["logp"][:n]
-                    it.update(y_kd=o["tokens"][:n], logp_icl=logp.cpu().pin_memory() if host else logp)
+        outs = generate(model, [it["icl"] for it in items], T, {eos_id}, capture=True, scores=kd)
+    for it, o in zip(items, outs):
+        if not torch.isfinite(o["acts"]).all():
+            raise IA2Error(f"the teacher's activations (A_ICL) are nan or inf ({model.dtype} on "
+                           f"{model.device.type})" + try_fp32(model))
+        it.update(y_icl=o["tokens"], A_icl=o["acts"], y_out=icl_output(o["tokens"], T, eos, eos_id))
+        if kd:  # the official collect_icl_distributions: no EOS appended
+            n = generate_length(o["tokens"], eos)
+            it.update(y_kd=o["tokens"][:n], logp_icl=o["logp"][:n])
     return items
 
 
@@ -580,70 +448,320 @@ def icl_output(tokens: list, T: int, eos: set, eos_id: int) -> list:
 
 
 # -----------------------------------------------------------------------------
-# 5. The losses (Eq. 2, Eq. 4, §6, Table 4): one per example, averaged over its own positions
+# 6. Training (§5, App. B): Adam at a constant lr, early stopping on the dev loss; IA2→SFT (§4)
 
 
-def ia2_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, L, T, D) student and teacher activations at the aligned positions, mask (B, T) the real ones.
-    L_IA2 = L · mean((S - A_ICL)²) over (L, T', D): the per-layer MSE summed over layers (official code;
-    Eq. 4 writes a norm). Returns (B,)."""
-    se = (student.float() - teacher.float()).pow(2).mean(-1) * mask[:, None]  # (B, L, T)
-    return (se.sum(-1) / mask.sum(-1, keepdim=True)).sum(1)  # per-layer MSE (B, L), summed over layers
+def shuffled_batches(n: int, batch_size: int, epochs: int, seed: int):
+    """Yields (epoch, example indices, whether the epoch ends with it): each epoch reshuffles the n examples
+    with one RandomState(seed) and cuts them into batches of batch_size, the last one maybe smaller."""
+    rng = np.random.RandomState(seed)
+    for epoch in range(epochs):
+        order = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            yield epoch, order[start:start + batch_size], start + batch_size >= n
 
 
-def sft_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced cross-entropy (official code; Eq. 2 generates) of the target tokens (B, T), -100 where
-    there is none, averaged over each example's tokens. Returns (B,)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
-    return ce.sum(1) / (target != -100).sum(1)
+def fit(model, objective: str, train: list, dev: list, lr: float, beta=None, seed=0, epochs=50, patience=5,
+        batch_size=4, restore="best", tag="fit") -> list:
+    """Trains the model's adapter on `objective`: Adam (default betas, no weight decay) at a constant lr, on
+    batches of batch_size examples (the official code accumulates one example at a time to min(4, N): the
+    same step), reshuffled each epoch. The dev loss every 2 steps and at each epoch's end; stop after
+    `patience` checks without a new best, or after `epochs`; then restore the best adapter (restore="last":
+    keep the last, which is what the official code does). Prints each dev check; returns the dev losses."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    best, bad, devs, kept = math.inf, 0, [], adapter_state(model)
+    batches = shuffled_batches(len(train), batch_size, epochs, seed)
+    for step, (epoch, batch, epoch_end) in enumerate(batches, 1):
+        loss = objective_loss(model, objective, [train[i] for i in batch], beta).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 2 and not epoch_end:
+            continue  # a dev check every 2 steps and at each epoch's end
+        with torch.no_grad():
+            devs.append(objective_loss(model, objective, dev, beta).mean().item())
+        if devs[-1] < best:
+            best, bad, kept = devs[-1], 0, adapter_state(model)
+        else:
+            bad += 1
+        mark = " *" * (bad == 0)  # a new best
+        print(f"[{tag}] ep {epoch} step {step} | loss {loss.item():.4f} | dev {devs[-1]:.4f}{mark}")
+        if bad == patience:
+            break
+    if restore == "best":
+        load_adapter_state(model, kept)
+    return devs
 
 
-def kd_loss(logits: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Soft labels (Table 4): KL(p_ICL,t ‖ p_student,t) over the whole vocabulary at each aligned position,
-    averaged over positions. (B, T, V) logits and log-probs; returns (B,)."""
-    logq = logits.float().log_softmax(-1)
-    kl = (teacher_logp.exp() * (teacher_logp - logq)).sum(-1)  # Σ_v p log(p/q), (B, T)
-    return (kl * mask).sum(1) / mask.sum(1)
-
-
-def padded(xs: list, T: int) -> torch.Tensor:
-    """Stack (..., T', k) tensors, zero-padded to T along their second-to-last dimension."""
-    return torch.stack([F.pad(x, (0, 0, 0, T - x.shape[-2])) for x in xs])
-
-
-def target_of(objective: str, item: dict) -> list:
-    """What the student reads after X (official code): the ground truth Y for sft, the ICL outputs for
-    sft_icl, the rollout cut as generate() stops for kd, the teacher's rollout Ŷ otherwise."""
-    return item[dict(sft="y_ids", sft_icl="y_out", kd="y_kd").get(objective, "y_icl")]
-
-
-def objective_loss(model, objective: str, batch: list, beta=0.5) -> torch.Tensor:
-    """Each example's loss (B,); the student reads X∘target and is read at d_q+t. sft, sft_icl:
-    cross-entropy; ia2; ia2_plus_sft = (1-β)·L_IA2 + β·L_SFT(Ŷ) in one forward (the official code's convex
-    form; β a number or one per example); kd."""
-    targets, capture = [target_of(objective, it) for it in batch], objective in ("ia2", "ia2_plus_sft")
-    logits, acts = forward(model, [it["x"] for it in batch], targets, capture, logits=objective != "ia2")
-    T, dev = max(map(len, targets)), model.device
-    target = torch.tensor([y + [-100] * (T - len(y)) for y in targets], device=dev)
-    if objective in ("sft", "sft_icl"):
-        return sft_loss(logits, target)
-    if objective == "kd":
-        return kd_loss(logits, padded([it["logp_icl"] for it in batch], T).to(dev), target != -100)
-    l_ia2 = ia2_loss(acts, padded([it["A_icl"] for it in batch], T).to(dev), target != -100)
-    if objective == "ia2":
-        return l_ia2
-    beta = torch.as_tensor(beta, device=dev)
-    return (1 - beta) * l_ia2 + beta * sft_loss(logits, target)
+def ia2_then_sft(model, train: list, dev: list, lr: float, sft="sft", **kw) -> list:
+    """IA2→SFT, the paper's pipeline (§4): align the adapter with the ICL activations (L_IA2), then train the
+    same adapter further, from where IA2 left it, on the ground truth (L_SFT; sft="sft_icl": on the ICL
+    outputs), with a fresh Adam, the same lr and the same stopping rule. The items need the teacher's A_ICL
+    (teacher()). Returns both phases' dev losses."""
+    return fit(model, "ia2", train, dev, lr, **kw) + fit(model, sft, train, dev, lr, **kw)
 
 
 # -----------------------------------------------------------------------------
-# 6. Training: Adam, constant lr, early stopping on the dev loss (§5, App. B), every job of a method at once
+# 7. Evaluation (§5). Single-token tasks: the full-vocabulary softmax at the last prompt token, top-1 accuracy
+#    and ECE. Multi-token tasks: greedy generation stopped at "\n\n"; the task parses the answer (section 10).
+
+
+@torch.no_grad()
+def predict(model, prompts: list, label_ids: list):
+    """Per prompt, read at its last token: the top-10 token probabilities and ids, and each label token's
+    probability (numpy arrays, one move to the host)."""
+    probs = forward(model, prompts)[0][:, 0].softmax(-1)
+    p, ids = probs.topk(10, dim=-1)
+    out = torch.cat([p, ids.float(), probs[:, label_ids]], 1).cpu().numpy()
+    return out[:, :10], out[:, 10:20].astype(int), out[:, 20:]
+
+
+def metrics(pred, gold: np.ndarray, tok, labels: list) -> dict:
+    """Top-1 accuracy: the argmax token over the whole vocabulary, decoded and stripped, is the label string.
+    Label accuracy: the true label's token is the most probable label token. ECE: the paper's (top-1
+    renormalised over the top 10, equal mass) and the equal-width one. predicted: % of examples whose top-1
+    token is each label, then any other token."""
+    top_p, top_id, label_p = pred
+    answer = top1_label(top_id, tok, labels)
+    correct = (answer == gold).astype(float)
+    return dict(accuracy=100 * correct.mean(),
+                label_accuracy=100 * (label_p[np.arange(len(gold)), gold] >= label_p.max(-1)).mean(),
+                ece=ece(top_p[:, 0] / top_p.sum(-1), correct),
+                ece_equal_width=ece_equal_width(top_p[:, 0], correct),
+                predicted=(100 * np.bincount(answer, minlength=len(labels) + 1) / len(gold)).tolist())
+
+
+def top1_label(top_id: np.ndarray, tok, labels: list) -> np.ndarray:
+    """Which label the top-1 token is (decoded, stripped), per example; len(labels) for any other token."""
+    index = {label.strip(): i for i, label in enumerate(labels)}
+    return np.array([index.get(tok.decode([int(i)]).strip(), len(labels)) for i in top_id[:, 0]])
+
+
+def equal_mass_bins(conf: np.ndarray, n_bins: int = 15) -> list:
+    """Indices of each bin: sort by confidence (stable), cut into n_bins bins of floor(n/n_bins) examples, the
+    last taking the remainder (n=500: 14 x 33 + 38)."""
+    n, order = len(conf), np.argsort(conf, kind="stable")
+    size = max(n // n_bins, 1)
+    starts = list(range(0, size * min(n_bins, n), size)) + [n]
+    return [order[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """The paper's ECE over equal-mass bins: Σ_b |b|/n · |acc_b - conf_b|."""
+    bins = equal_mass_bins(conf, n_bins)
+    return float(sum(len(b) / len(conf) * abs(correct[b].mean() - conf[b].mean()) for b in bins))
+
+
+def ece_equal_width(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """The common ECE (Naeini et al. 2015; Guo et al. 2017): bins ((m-1)/M, m/M], empty bins add 0."""
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    return float(sum((bins == m).mean() * abs(correct[bins == m].mean() - conf[bins == m].mean())
+                     for m in range(n_bins) if (bins == m).any()))
+
+
+@functools.lru_cache(maxsize=4)
+def newline_tokens(tok, V: int, device) -> tuple:
+    """(V,) masks of the token ids whose text holds "\\n\\n", ends with "\\n" and starts with "\\n": the
+    evaluation's "\\n\\n" stop, one token or two, tested on the device without decoding every step."""
+    texts = tok.batch_decode([[i] for i in range(len(tok))]) + [""] * (V - len(tok))
+    has = torch.tensor(["\n\n" in x for x in texts], device=device)
+    ends = torch.tensor([x.endswith("\n") for x in texts], device=device)
+    starts = torch.tensor([x.startswith("\n") for x in texts], device=device)
+    return has, ends, starts
+
+
+def generate_answers(model, tok, prompts: list, max_new: int) -> list:
+    """Greedy continuations, stopped as the official evaluation's generate() stops, at every EOS of the
+    generation_config or at the first "\\n\\n", and cut there."""
+    has, ends, starts = newline_tokens(tok, model.config.vocab_size, model.device)
+
+    def stop(prev, y):  # "\n\n" in decode([prev, y]), the official stop on the text
+        return has[y] if prev is None else has[y] | ends[prev] & starts[y]
+    outs = generate(model, prompts, max_new, eos_ids(model, tok.eos_token_id), stop=stop)
+    return [answer_of(tok, o["tokens"]) for o in outs]
+
+
+def answer_of(tok, ids: list) -> str:
+    return tok.decode(ids, skip_special_tokens=True).split("\n\n")[0]  # a generation's text, cut at "\n\n"
+
+
+# =============================================================================
+# Part II: the paper's protocol, fast, and the experiment around the method. A method's whole grid of
+# (lr, run, β) adapters trains as one model with K adapters side by side (8, 9), on Part I's forward, teacher,
+# losses and metrics; then the 12 tasks (10) and the experiment, its tables and the command line (11).
+# =============================================================================
+import argparse
+import collections
+import csv
+import dataclasses
+import decimal
+import glob
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import string
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm  # installed with transformers and datasets
+
+
+# -----------------------------------------------------------------------------
+# 8. Many adapters in one model. A method's grid (3 lrs x 5 runs = 15 jobs; 60 with the β grid) trains as one
+#    model with K adapters side by side: slot k of every adapter tensor is job k's. One batch holds the rows
+#    of every job, each row routed through its job's slot, so that one forward and backward serves all the
+#    jobs, each gradient landing in its own slot. `batches` sorts the rows by length and cuts them into
+#    pieces that fit the memory; Part I's code never sees a slot.
+
+
+class Slots:
+    """Mixed into an adapter module of Part I: K adapters in one module, each parameter (K, ...) with slot k
+    adapter k. Batch row i goes through slot rows[i] (set by `routed`; None: slot 0 for every row)."""
+    rows = None
+
+    def stack(self, K: int):
+        for n, p in list(self.named_parameters(recurse=False)):
+            setattr(self, n, nn.Parameter(p.detach().repeat(K, *[1] * p.dim())))
+
+    def reset(self, k: int):
+        """Slot k, a fresh adapter: the same draws from torch's generator as Part I's module makes."""
+        self.init(*(p[k] for p in self.parameters(recurse=False)))
+
+    def weights(self):
+        return [p[0] if self.rows is None else p[self.rows] for p in self.parameters(recurse=False)]
+
+
+class LoRASlots(Slots, LoRALinear):
+    """K LoRA adapters: A (K, r, d_in), B (K, d_out, r); row i's update is (α/r)·B[rows[i]] A[rows[i]] x."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, K: int):
+        LoRALinear.__init__(self, base, r, alpha)
+        self.stack(K)
+
+
+class IA3Slots(Slots, IA3Linear):
+    """K (IA)³ vectors: l (K, 1, d_in); row i's input is scaled by l[rows[i]]."""
+
+    def __init__(self, base: nn.Linear, K: int):
+        IA3Linear.__init__(self, base)
+        self.stack(K)
+
+
+def adapter_targets(cfg) -> tuple:
+    return tuple(f"{c}_proj" for c in cfg.targets)  # "qko" -> q_proj, k_proj, o_proj
+
+
+def add_adapters(model, cfg, K=None):
+    """Fresh adapters of --adapter's kind on --targets: Part I's modules, or (K) K adapters side by side."""
+    def adapter(base):
+        if cfg.adapter == "ia3":
+            return IA3Linear(base) if K is None else IA3Slots(base, K)
+        return LoRALinear(base, cfg.rank, cfg.rank) if K is None else LoRASlots(base, cfg.rank, cfg.rank, K)
+    return wrap(model, adapter_targets(cfg), adapter)  # α = r
+
+
+def slot_state(model, k: int) -> dict:
+    """A copy of adapter k, as Part I's adapter_state gives one adapter: {parameter name: tensor}."""
+    return {n: p[k].detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_slot(model, state: dict, k: int):
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n][k].copy_(t)
+
+
+@contextlib.contextmanager
+def routed(model, rows):
+    """Inside the block, batch row i goes through slot rows[i] of every adapter (None: slot 0 for all)."""
+    mods = [m for m in adapter_modules(model).values() if isinstance(m, Slots)]
+    for m in mods:
+        m.rows = None if rows is None else torch.as_tensor(rows, device=model.device)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.rows = None
+
+
+# Bytes that autograd keeps per token and layer, per unit of the widths D (hidden), Dq (heads x head_dim), Dkv
+# (kv heads x head_dim) and D_mlp, for a base model of 2-byte (bf16, fp16) or 4-byte floats with K LoRA
+# adapters: fitted to saved-tensor measurements of Qwen3 (exact there; Llama, Qwen2, Gemma 3 within ±30 %:
+# tested).
+SAVED = {2: (16.3, 12.6, 8.3, 6.0), 4: (12.3, 12.6, 12.3, 12.0)}
+
+
+def bytes_per_token(model, grad: bool) -> float:
+    """The memory one token of a forward pass takes: with gradients, what every layer saves for the backward
+    (SAVED); without, a rollout's KV cache and one layer's activations."""
+    c, b = model.config, model.dtype.itemsize
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    widths = (c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size)
+    if grad:
+        return c.num_hidden_layers * sum(k * w for k, w in zip(SAVED[min(b, 4)], widths))
+    return 2 * b * c.num_hidden_layers * widths[2] + 4 * b * (widths[0] + widths[3])
+
+
+def token_budget(model, grad: bool) -> int:
+    """Tokens (rows x padded length) per forward pass. On a GPU, as many as half of its free and reusable
+    (cached) memory holds, less the fp32 copy of the LM head that lm_logits makes. On a CPU or a Mac 2048: on
+    a CPU larger batches are not faster."""
+    if model.device.type != "cuda":
+        return 2048
+    dev = model.device
+    free = torch.cuda.mem_get_info(dev)[0]
+    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # cached by torch, reusable
+    return max(512, int((free - 4 * model.lm_head.weight.numel()) / 2 / bytes_per_token(model, grad)))
+
+
+def read_tokens(model, grad: bool, per_read: int) -> float:
+    """What a position whose logits are computed costs, in tokens of the budget: per_read·V bytes (with
+    gradients 12: fp32 logits, their log-softmax and its gradient; kd 24, with the teacher's
+    log-probabilities; without 8). 0 on a CPU, whose budget counts tokens alone."""
+    if model.device.type != "cuda":
+        return 0.0
+    return per_read * model.config.vocab_size / bytes_per_token(model, grad)
+
+
+def spans(lengths: list, budget: int) -> list:
+    """Consecutive slices of rows, each as many rows as fit `budget` tokens when padded to its longest."""
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest = max(longest, n)
+        if i > start and (i + 1 - start) * longest > budget:
+            out.append(slice(start, i))
+            start, longest = i, n
+    return out + [slice(start, len(lengths))] if lengths else []
+
+
+def batches(model, rows: list, length, grad: bool, sort=True):
+    """rows: (slot, item) pairs, slot the adapter the item goes through (None: the model as it is). Sorted by
+    length(item), so that little padding is computed (sort=False keeps their order), and cut into pieces of at
+    most token_budget tokens when padded; yields (indices into rows, items) per piece, while the model routes
+    the piece's row i through its slot."""
+    order = sorted(range(len(rows)), key=lambda i: length(rows[i][1])) if sort else list(range(len(rows)))
+    for part in spans([length(rows[i][1]) for i in order], token_budget(model, grad)):
+        idx = order[part]
+        slots = [rows[i][0] for i in idx]
+        with routed(model, None if slots[0] is None else slots):
+            yield idx, [rows[i][1] for i in idx]
+
+
+# -----------------------------------------------------------------------------
+# 9. The engine: Part I's fit for every job of a method at once, and Part I's teacher, predict and
+#    generate_answers over every piece of the grid
 
 
 @dataclass
 class Job:
-    """One adapter to train: run `run`'s training and dev items, its lr (β for ia2_plus_sft), and where it
-    starts: a fresh init (set_seed(seed + run)) or a given state (IA2→SFT: its IA2 job's adapter)."""
+    """One adapter of a method's grid: run `run`'s training and dev items, its lr (β for ia2_plus_sft), and
+    where it starts: a fresh init (set_seed(seed + run)) or a given state (IA2→SFT: its IA2 job's adapter).
+    The other fields are the state of fit's loop, one per job."""
     lr: float
     run: int
     train: list
@@ -653,10 +771,63 @@ class Job:
     best: float = math.inf  # the best dev loss so far
     bad: int = 0  # dev checks since the last new best
     steps: int = 0
-    epoch: int = -1
-    order: list = field(default_factory=list)  # what is left of this epoch's shuffled example indices
-    rng: np.random.RandomState = None  # the epoch order: RandomState(seed + run), as when trained alone
+    epoch: int = 0
+    epoch_end: bool = False  # the last step ended an epoch
+    batches: object = None  # shuffled_batches(), with the job's own RandomState(seed + run)
     done: bool = False
+
+
+def train_grid(model, objective: str, jobs: list, cfg, tag) -> list:
+    """Part I's fit (with cfg's epochs, patience, batch_size, restore) for every job at once, job k in slot k
+    of each adapter: each step takes the next batch of every job still training into one forward and
+    backward (the jobs' mean losses summed: each job's gradient is its own) and an Adam step at each job's
+    lr. Each job's init, batches, dev checks and stop are those of fit on it alone (tested to fp32
+    round-off); the best adapter of each slot is restored. tag(job) names a job in the log."""
+    add_adapters(model, cfg, K=len(jobs))
+    for k, job in enumerate(jobs):
+        set_seed(cfg.seed + job.run)  # the same init for every method of a run, as fit after add_lora
+        for mod in adapter_modules(model).values():
+            mod.reset(k)
+        if job.start:
+            load_slot(model, job.start, k)
+        job.batches = shuffled_batches(len(job.train), cfg.batch_size, cfg.epochs, cfg.seed + job.run)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, best = Adam(params, [job.lr for job in jobs]), [p.detach().clone() for p in params]  # best: per slot
+    while not all(job.done for job in jobs):
+        live = [k for k, job in enumerate(jobs) if not job.done]
+        losses = backward(model, objective, [(k, jobs[k], next_batch(jobs[k])) for k in live])
+        for k, loss in zip(live, losses):
+            finite_or_stop(loss, "training", jobs[k], model, tag)
+        opt.step(live)
+        check = [k for k in live if jobs[k].steps % 2 == 0 or jobs[k].epoch_end]  # every 2 steps, epoch ends
+        new_best = np.zeros(len(jobs), bool)
+        for k, dev in zip(check, dev_losses(model, objective, [(k, jobs[k]) for k in check])):
+            finite_or_stop(dev, "dev", jobs[k], model, tag)
+            new_best[k] = update(jobs[k], dev, losses[live.index(k)], cfg, tag)
+        if new_best.any():
+            copy_slots(best, params, new_best)  # keep the adapters at their new best
+    if cfg.restore == "best":
+        copy_slots(params, best, np.ones(len(jobs), bool))
+    return jobs
+
+
+def next_batch(job: Job) -> list:
+    job.epoch, idx, job.epoch_end = next(job.batches)
+    job.steps += 1
+    return [job.train[i] for i in idx]
+
+
+def update(job: Job, dev: float, loss: float, cfg, tag) -> bool:
+    """fit's bookkeeping after a dev check: count checks without a new best, stop at `patience` or at the
+    end of the last epoch. Returns whether this is a new best."""
+    new_best = dev < job.best
+    job.best, job.bad = (dev, 0) if new_best else (job.best, job.bad + 1)
+    print(f"[{tag(job)}] ep {job.epoch} step {job.steps} | loss {loss:.4f} | dev {dev:.4f}{' *' * new_best}")
+    job.done = job.bad >= cfg.patience or (job.epoch == cfg.epochs - 1 and job.epoch_end)
+    if job.done and job.bad < cfg.patience:
+        print(f"[{tag(job)}] note: stopped by the --epochs {cfg.epochs} cap, not by early stopping" +
+              " (the dev loss was still falling)" * new_best)
+    return new_best
 
 
 class Adam:
@@ -695,41 +866,6 @@ class Adam:
         return [x.view(-1, *[1] * (p.dim() - 1)) for p in self.params]
 
 
-def train(model, objective: str, jobs: list, cfg: Config, tag) -> list:
-    """Trains every job's adapter at once, job k in slot k of each LoRALinear. Each step takes the next batch
-    of min(4, N) examples of every job still training into one forward and backward (the jobs' mean losses
-    summed: each job's gradient is its own) and an Adam step at each job's lr. Per job: the dev loss every 2
-    steps and at each epoch end; stop after `patience` checks without a new best, or after --epochs; keep the
-    best adapter (--restore last: the last). Each job's init, example order, steps and dev losses are those of
-    training it alone (tested). tag(job) names a job in the log."""
-    add_adapters(model, cfg, K=len(jobs))
-    for k, job in enumerate(jobs):
-        set_seed(cfg.seed + job.run)  # the same init for every method of a run
-        for mod in adapter_modules(model).values():
-            mod.reset(k)
-        if job.start:
-            load_adapter_state(model, job.start, k)
-        job.rng = np.random.RandomState(cfg.seed + job.run)
-    params, bs = [p for p in model.parameters() if p.requires_grad], min(cfg.batch_size, cfg.n_train)
-    opt, best = Adam(params, [job.lr for job in jobs]), [p.detach().clone() for p in params]  # best: per slot
-    while not all(job.done for job in jobs):
-        live = [k for k, job in enumerate(jobs) if not job.done]
-        losses = backward(model, objective, [(k, jobs[k], next_batch(jobs[k], bs)) for k in live])
-        for k, loss in zip(live, losses):
-            finite_or_stop(loss, "training", jobs[k], model, tag)
-        opt.step(live)
-        check = [k for k in live if jobs[k].steps % 2 == 0 or not jobs[k].order]  # every 2 steps, epoch ends
-        new_best = np.zeros(len(jobs), bool)
-        for k, dev in zip(check, dev_losses(model, objective, [(k, jobs[k]) for k in check])):
-            finite_or_stop(dev, "dev", jobs[k], model, tag)
-            new_best[k] = update(jobs[k], dev, losses[live.index(k)], cfg, tag)
-        if new_best.any():
-            copy_slots(best, params, new_best)  # keep the adapters at their new best
-    if cfg.restore == "best":
-        copy_slots(params, best, np.ones(len(jobs), bool))
-    return jobs
-
-
 def copy_slots(to: list, source: list, slots: np.ndarray):
     """to[k] = source[k] for each parameter tensor and every slot k marked: one op per tensor."""
     mark = torch.tensor(slots, device=to[0].device)
@@ -747,15 +883,6 @@ def finite_or_stop(loss: float, what: str, job: Job, model, tag):
     else:
         why = " (it was finite before): the adapter diverged; try a lower --lr"
     raise IA2Error(f"{tag(job)}: the {what} loss is {loss} at step {job.steps}{why}")
-
-
-def next_batch(job: Job, bs: int) -> list:
-    """The job's next min(4, N) training examples; each epoch reshuffles them with the job's own rng."""
-    if not job.order:
-        job.order, job.epoch = list(job.rng.permutation(len(job.train))), job.epoch + 1
-    batch, job.order = job.order[:bs], job.order[bs:]
-    job.steps += 1
-    return [job.train[i] for i in batch]
 
 
 def backward(model, objective: str, work: list) -> list:
@@ -795,159 +922,45 @@ def cost(model, objective: str, grad: bool):
     return lambda it: len(it["x"]) + len(target_of(objective, it)) * (1 + read)
 
 
-def update(job: Job, dev: float, loss: float, cfg: Config, tag) -> bool:
-    """After a dev check: count checks without a new best, stop at `patience` or after --epochs. Returns
-    whether this is a new best."""
-    new_best = dev < job.best
-    job.best, job.bad = (dev, 0) if new_best else (job.best, job.bad + 1)
-    print(f"[{tag(job)}] ep {job.epoch} step {job.steps} | loss {loss:.4f} | dev {dev:.4f}{' *' * new_best}")
-    job.done = job.bad >= cfg.patience or (job.epoch == cfg.epochs - 1 and not job.order)
-    if job.done and job.bad < cfg.patience:
-        print(f"[{tag(job)}] note: stopped by the --epochs {cfg.epochs} cap, not by early stopping" +
-              " (the dev loss was still falling)" * new_best)
-    return new_best
+def teacher_all(model, items: list, T: int, eos_id: int, kd=False) -> list:
+    """Part I's teacher on every run's items, in pieces that fit the memory. On a GPU, kd's log-probabilities
+    (T' x V floats an item) go to pinned host memory when they would take more than a quarter of the free
+    memory."""
+    host = kd and model.device.type == "cuda" and (
+        4 * len(items) * T * model.config.vocab_size > torch.cuda.mem_get_info(model.device)[0] / 4)
+    read = read_tokens(model, False, 8)
+    for _, part in batches(model, [(None, it) for it in items], lambda it: len(it["icl"]) + T + read,
+                           grad=False, sort=False):
+        teacher(model, part, T, eos_id, kd)
+        for it in part if host else []:
+            it["logp_icl"] = it["logp_icl"].cpu().pin_memory()
+    return items
 
 
-# -----------------------------------------------------------------------------
-# 7. Evaluation (§5). Single-token tasks: the full-vocabulary softmax at the last prompt token, top-1 accuracy
-#    and ECE. Multi-token tasks: greedy generation, answer parsing, exact match.
-
-
-@torch.no_grad()
-def predict(model, seqs: list, label_ids: list, slots=None):
-    """Per prompt, prompt i through adapter slots[i] (None: the model as it is): the top-10 token
-    probabilities and ids, and each label token's probability. Each batch moves to the host once."""
+def predict_all(model, seqs: list, label_ids: list, slots=None):
+    """Part I's predict on every prompt, prompt i through adapter slots[i] (None: the model as it is), in
+    shared batches sorted by length; the arrays in the order of seqs."""
     rows, order, parts = list(zip(slots or [None] * len(seqs), seqs)), [], []
     read = read_tokens(model, False, 8)
     pieces = batches(model, rows, lambda s: len(s) + read, grad=False)
     for idx, piece in tqdm(pieces, desc="eval", leave=False, disable=None):  # a progress bar on a terminal
-        probs = forward(model, piece)[0][:, 0].softmax(-1)
-        p, ids = probs.topk(10, dim=-1)
         order += idx
-        parts.append(torch.cat([p, ids.float(), probs[:, label_ids]], 1).cpu())
-    out = torch.cat(parts)[np.argsort(order)].numpy()  # back in the order of seqs
-    return out[:, :10], out[:, 10:20].astype(int), out[:, 20:]
+        parts.append(predict(model, piece, label_ids))
+    back = np.argsort(order)
+    return tuple(np.concatenate(x)[back] for x in zip(*parts))
 
 
-def equal_mass_bins(conf: np.ndarray, n_bins: int = 15) -> list:
-    """Indices of each bin: sort by confidence (stable), cut into n_bins bins of floor(n/n_bins) examples, the
-    last taking the remainder (n=500: 14 x 33 + 38)."""
-    n, order = len(conf), np.argsort(conf, kind="stable")
-    size = max(n // n_bins, 1)
-    starts = list(range(0, size * min(n_bins, n), size)) + [n]
-    return [order[a:b] for a, b in zip(starts[:-1], starts[1:])]
-
-
-def ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
-    """The paper's ECE over equal-mass bins: Σ_b |b|/n · |acc_b - conf_b|."""
-    bins = equal_mass_bins(conf, n_bins)
-    return float(sum(len(b) / len(conf) * abs(correct[b].mean() - conf[b].mean()) for b in bins))
-
-
-def ece_equal_width(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
-    """The common ECE (Naeini et al. 2015; Guo et al. 2017): bins ((m-1)/M, m/M], empty bins add 0."""
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    return float(sum((bins == m).mean() * abs(correct[bins == m].mean() - conf[bins == m].mean())
-                     for m in range(n_bins) if (bins == m).any()))
-
-
-def metrics(pred, gold: np.ndarray, tok, labels: list) -> dict:
-    """Top-1 accuracy: the argmax token over the whole vocabulary, decoded and stripped, is the label string.
-    Label accuracy: the true label's token is the most probable label token. ECE: the paper's (top-1
-    renormalised over the top 10, equal mass) and the equal-width one. predicted: % of examples whose top-1
-    token is each label, then any other token."""
-    top_p, top_id, label_p = pred
-    answer = top1_label(top_id, tok, labels)
-    correct = (answer == gold).astype(float)
-    return dict(accuracy=100 * correct.mean(),
-                label_accuracy=100 * (label_p[np.arange(len(gold)), gold] >= label_p.max(-1)).mean(),
-                ece=ece(top_p[:, 0] / top_p.sum(-1), correct),
-                ece_equal_width=ece_equal_width(top_p[:, 0], correct),
-                predicted=(100 * np.bincount(answer, minlength=len(labels) + 1) / len(gold)).tolist())
-
-
-def top1_label(top_id: np.ndarray, tok, labels: list) -> np.ndarray:
-    """Which label the top-1 token is (decoded, stripped), per example; len(labels) for any other token."""
-    index = {label.strip(): i for i, label in enumerate(labels)}
-    return np.array([index.get(tok.decode([int(i)]).strip(), len(labels)) for i in top_id[:, 0]])
-
-
-def boxed(text: str):
-    """The content of the last \\boxed{...}, nested braces included; None without one, or unbalanced (cut
-    off)."""
-    start = text.rfind("\\boxed{")
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text) if start >= 0 else 0):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None
-
-
-NUMBER = r"-?[\d,]*\.?\d+"
-
-
-def clean_number(s: str):
-    """'$1,234.50' -> '1234.5', '72.0' -> '72', '5.' -> '5'; None if there is no number."""
-    found = re.findall(NUMBER, s.replace("$", ""))
-    n = found[0].replace(",", "") if found else None
-    return n.rstrip("0").rstrip(".") if n and "." in n else n
-
-
-def parse_answer(task: str, text: str):
-    """The final answer of a generation or a ground truth, parsed alike (the official utils.py's decisions
-    where they are right; README, Deviations). gsm8k, gsm8ks: \\boxed{x}, '#### x', 'answer is x', 'Answer:
-    x', '$x', else the last number that is not a year (1900-2100), else the last number; cleaned.
-    hmath_algebra: the last \\boxed{} (whitespace removed, \\dfrac as \\frac). sciqa: the text after the last
-    '####'."""
-    if task == "sciqa":
-        return text.split("####")[-1].strip()
-    b = boxed(text)
-    if task == "hmath_algebra":
-        return None if b is None else "".join(b.split()).replace("\\dfrac", "\\frac")
-    if b is not None and clean_number(b) is not None:
-        return clean_number(b)
-    for pattern in (r"####\s*(.*)", r"answer is[:\s]*(.*)", r"Answer:\s*(.*)", r"\$\s*(" + NUMBER + ")"):
-        found = re.findall(pattern, text, flags=re.IGNORECASE)
-        if found and clean_number(found[-1]) is not None:
-            return clean_number(found[-1])
-    numbers = [clean_number(n) for n in re.findall(NUMBER, text.replace("$", ""))]
-    years = [n for n in numbers if n.isdigit() and 1900 <= int(n) <= 2100]
-    return ([n for n in numbers if n not in years] or numbers or [None])[-1]
-
-
-def answer_of(tok, ids: list) -> str:
-    return tok.decode(ids, skip_special_tokens=True).split("\n\n")[0]  # a generation's text, cut at "\n\n"
-
-
-@functools.lru_cache(maxsize=4)
-def newline_tokens(tok, V: int, device) -> tuple:
-    """(V,) masks of the token ids whose text holds "\\n\\n", ends with "\\n" and starts with "\\n": the
-    evaluation's "\\n\\n" stop, one token or two, tested on the device without decoding every step."""
-    texts = tok.batch_decode([[i] for i in range(len(tok))]) + [""] * (V - len(tok))
-    has = torch.tensor(["\n\n" in x for x in texts], device=device)
-    ends = torch.tensor([x.endswith("\n") for x in texts], device=device)
-    starts = torch.tensor([x.startswith("\n") for x in texts], device=device)
-    return has, ends, starts
-
-
-def generate_texts(model, tok, seqs: list, max_new: int, slots=None) -> list:
-    """Greedy continuations (prompt i through adapter slots[i]), stopped as the official evaluation's
-    generate() stops, at every EOS of the generation_config or at the first "\\n\\n", and cut there."""
-    has, ends, starts = newline_tokens(tok, model.config.vocab_size, model.device)
-
-    def stop(prev, y):  # "\n\n" in decode([prev, y]), the official stop on the text
-        return has[y] if prev is None else has[y] | ends[prev] & starts[y]
+def generate_all(model, tok, seqs: list, max_new: int, slots=None) -> list:
+    """Part I's generate_answers on every prompt, prompt i through adapter slots[i], in shared batches."""
     read, rows, texts = read_tokens(model, False, 8), list(zip(slots or [None] * len(seqs), seqs)), {}
     pieces = batches(model, rows, lambda s: len(s) + max_new + read, grad=False)
     for idx, piece in tqdm(pieces, desc="generate", leave=False, disable=None):
-        for i, o in zip(idx, generate(model, piece, max_new, eos_ids(model, tok.eos_token_id), stop=stop)):
-            texts[i] = answer_of(tok, o["tokens"])
+        texts.update(zip(idx, generate_answers(model, tok, piece, max_new)))
     return [texts[i] for i in range(len(seqs))]
 
 
 # -----------------------------------------------------------------------------
-# 8. The tasks, the prompts and the few-shot protocol (§5 "Data Setup", App. A)
+# 10. The 12 tasks (§5, App. A): their data, templates and labels, and the answers of multi-token tasks
 
 
 # The official prepare_data.py's templates (no space after the colons) and label strings. splits: (pool,
@@ -1054,16 +1067,7 @@ def task_table() -> str:
     return "\n".join(lines)
 
 
-def make_prompt(x: str, demos=()) -> str:
-    """Demos are 'question+answer', joined by a blank line; one more precedes the query X."""
-    return "".join(d + "\n\n" for d in demos) + x
-
-
-def answer_text(labels, y) -> str:
-    return labels[y] if labels else y  # single-token: the label string; multi-token: the answer itself
-
-
-def load_task(cfg: Config, name: str, labels, path=None):
+def load_task(cfg, name: str, labels, path=None):
     """(pool, eval set), lists of (X, y): the filled template and a label index or an answer. As the official
     prepare_data.py does, each split is shuffled with seed 42 and its first --pool-size or --eval-size records
     kept; a local file is shuffled the same way, its last rows the eval set."""
@@ -1179,49 +1183,151 @@ def label_index(v, labels: list, where: str) -> int:
                    f"index 0..{len(labels) - 1}{empty}")
 
 
-def few_shot_split(pool: list, n: int, seed: int):
-    """Run r, with one RandomState(r) as in the official create_training_datasets.py: permute the pool; train
-    = the first N, dev = the next min(48, N//2), rest = the ICL-evaluation demos. The same generator then
-    shuffles, for each training query i, the other N-1 training indices: its demos, in that order."""
-    rng = np.random.RandomState(seed)
-    perm, n_dev, orders = rng.permutation(len(pool)), min(48, n // 2), []
-    for i in range(n):
-        orders.append([j for j in range(n) if j != i])
-        rng.shuffle(orders[-1])
-    train, dev, rest = ([pool[i] for i in idx] for idx in (perm[:n], perm[n:n + n_dev], perm[n + n_dev:]))
-    return train, dev, rest, orders
+def boxed(text: str):
+    """The content of the last \\boxed{...}, nested braces included; None without one, or unbalanced (cut
+    off)."""
+    start = text.rfind("\\boxed{")
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text) if start >= 0 else 0):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
 
 
-def encode(tok, prompt: str) -> list:
-    return tok(prompt).input_ids  # with the tokenizer's BOS, if it adds one (Llama, Gemma do; Qwen does not)
+NUMBER = r"-?[\d,]*\.?\d+"
 
 
-def training_items(tok, labels, train: list, dev: list, orders: list):
-    """Query i's demos are the other training examples in the order orders[i]; dev example j reuses query j's
-    (official code). y_ids: the ground truth tokenised apart from the prompt, + EOS for an answer text."""
-    shots = [x + answer_text(labels, y) for x, y in train]
-
-    def item(j, x, y):
-        y_ids = tok(answer_text(labels, y), add_special_tokens=False).input_ids
-        demos = [shots[k] for k in orders[j]]
-        return dict(x=encode(tok, x), y=y, y_ids=y_ids + [tok.eos_token_id] * (not labels),
-                    icl=encode(tok, make_prompt(x, demos)))
-    return [item(j, x, y) for j, (x, y) in enumerate(train)], [item(j, x, y) for j, (x, y) in enumerate(dev)]
+def clean_number(s: str):
+    """The first number of s, written as its value: '$1,234.50' -> '1234.5', '72.0' -> '72', '.0' and '-0.0'
+    -> '0', '007' -> '7' (the official parser compares float(x) so written); None if there is none. Unlike the
+    official parser, a minus sign is kept and '.5' is 0.5 (its pattern reads 5 in both)."""
+    found = re.findall(NUMBER, s.replace("$", ""))
+    if not found:
+        return None
+    value = decimal.Decimal(found[0].replace(",", ""))  # exact, where float would round long numbers
+    return "0" if value == 0 else format(value.normalize(), "f")
 
 
-def icl_eval_prompts(tok, labels, demos_pool: list, eval_set: list, k: int, seed: int) -> list:
-    """ICL evaluation: k = N-1 demos per query drawn from the held-out rest of the pool with RandomState(r).
-    For an OOD task the pool and `labels` are the source task's, the queries the OOD task's (§5)."""
-    rng, prompts = np.random.RandomState(seed), []
-    for x, _ in eval_set:
-        drawn = rng.choice(len(demos_pool), k, replace=False)
-        demos = [demos_pool[i][0] + answer_text(labels, demos_pool[i][1]) for i in drawn]
-        prompts.append(encode(tok, make_prompt(x, demos)))
-    return prompts
+def parse_answer(task: str, text: str):
+    """The final answer of a generation or a ground truth, parsed alike (the official utils.py's decisions
+    where they are right; README, Deviations). gsm8k, gsm8ks: \\boxed{x}, '#### x', 'answer is x', 'Answer:
+    x', '$x', else the last number that is not a year (1900-2100), else the last number; cleaned.
+    hmath_algebra: the last \\boxed{} (whitespace removed, \\dfrac as \\frac). sciqa: the text after the last
+    '####'."""
+    if task == "sciqa":
+        return text.split("####")[-1].strip()
+    b = boxed(text)
+    if task == "hmath_algebra":
+        return None if b is None else "".join(b.split()).replace("\\dfrac", "\\frac")
+    if b is not None and clean_number(b) is not None:
+        return clean_number(b)
+    for pattern in (r"####\s*(.*)", r"answer is[:\s]*(.*)", r"Answer:\s*(.*)", r"\$\s*(" + NUMBER + ")"):
+        found = re.findall(pattern, text, flags=re.IGNORECASE)
+        if found and clean_number(found[-1]) is not None:
+            return clean_number(found[-1])
+    numbers = [clean_number(n) for n in re.findall(NUMBER, text.replace("$", ""))]
+    years = [n for n in numbers if n.isdigit() and 1900 <= int(n) <= 2100]
+    return ([n for n in numbers if n not in years] or numbers or [None])[-1]
 
 
 # -----------------------------------------------------------------------------
-# 9. The experiment: every method x lr (x β) x run, then the paper's selection (§5)
+# 11. The experiment: every method x lr (x β) x run, the paper's selection of the lr (§5), the command line
+
+
+METHODS = ("zero_shot", "icl", "sft", "sft_icl", "ia2", "ia2_then_sft", "ia2_then_sft_icl", "ia2_plus_sft",
+           "kd")
+TRAINED = METHODS[2:]
+OBJECTIVE = dict(sft="sft", sft_icl="sft_icl", ia2="ia2", ia2_then_sft="sft", ia2_then_sft_icl="sft_icl",
+                 ia2_plus_sft="ia2_plus_sft", kd="kd")  # ia2_then_sft(_icl): SFT continuing the ia2 adapter
+METRICS = ("accuracy", "label_accuracy", "ece", "ece_equal_width")  # multi-token tasks: accuracy only
+
+
+def warn(message: str):
+    print(f"ia2.py: warning: {message}", file=sys.stderr)
+
+
+def arg(default, help, ok=None):
+    """A Config field: its default, its --help and, optionally, (test, what it must be) for its value."""
+    return field(default=default, metadata=dict(help=help, ok=ok))
+
+
+def at_least(n):
+    return lambda v: v >= n, f">= {n}"
+
+
+def one_of(*values):
+    return lambda v: v in values, ", ".join(values[:-1]) + " or " + values[-1]
+
+
+@dataclass
+class Config:
+    model: str = arg("Qwen/Qwen3-0.6B", "Hub id or folder of a causal LM (paper: Qwen3-4B-Base, Llama-3.2)")
+    task: str = arg("sst2", "the task trained on (--list-tasks)", (
+        lambda v: v in TASKS and TASKS[v]["splits"][0], "a task with training data (--list-tasks)"))
+    eval_tasks: tuple = arg(None, "tasks evaluated on, e.g. sst2 finsen poems (ICL demos from --task: the "
+                            "OOD protocol); unset: --task", (lambda v: v in TASKS, "a task of --list-tasks"))
+    data: tuple = arg(None, "local data, FILE (for --task) or TASK=FILE ...: .csv, .tsv, .jsonl, .json or "
+                      ".parquet with the template's fields and label (a label or its index) or answer")
+    labels: tuple = arg(None, "label strings instead of the task's (sst2: 0 1), one token each; a leading "
+                        "space counts: --labels ' negative' ' positive'")
+    n_train: int = arg(4, "N, labelled examples per run (paper: 4 Qwen, 8 Llama)", at_least(2))
+    runs: int = arg(5, "runs r = 0..runs-1, each a different draw of the N examples (paper: 5)", at_least(1))
+    adapter: str = arg("lora", "lora, or ia3: (IA)³, a learned scale of each target's input (Tables 6, 16)",
+                       one_of("lora", "ia3"))
+    lr: tuple = arg(None, "lr grid; unset: the adapter's grid in the paper (lora 1e-4 3e-4 1e-3, ia3 1e-1 "
+                    "1e-2 1e-3)", (lambda v: v > 0, "> 0"))
+    beta: tuple = arg((0.1, 0.5, 0.7, 0.9), "β grid of ia2_plus_sft, (1-β)·L_IA2 + β·L_SFT(Ŷ) (paper: Qwen "
+                      "0.1 0.5 0.7 0.9, Llama 0.001 0.01 0.05 0.5)", (lambda v: 0 <= v <= 1, "in [0, 1]"))
+    methods: tuple = arg(METHODS[:-1], f"any of {' '.join(METHODS)} (kd only when named)", one_of(*METHODS))
+    eval_size: int = arg(500, "evaluation examples, never trained on (paper: 500)", at_least(1))
+    pool_size: int = arg(2000, "pool of the N examples, the dev set and the demos (paper: 2000)", at_least(1))
+    epochs: int = arg(50, "maximum epochs (paper: 50)", at_least(1))
+    patience: int = arg(5, "stop after this many dev checks without a new best (paper: 5)", at_least(1))
+    batch_size: int = arg(4, "examples per step (an epoch of N examples: ceil(N / this) steps; paper: 4)",
+                          at_least(1))
+    rank: int = arg(8, "LoRA's rank r; α = r (paper: 8)", at_least(1))
+    targets: str = arg("qko", "the adapter on these of each layer: q k v o (paper: qko; Table 7: qk, qkv)",
+                       (lambda v: len(v) == len(set(v)) > 0 and set(v) <= set("qkvo"), "letters of qkvo"))
+    restore: str = arg("best", "adapter kept: best (lowest dev loss: what the official code means to do) or "
+                       "last (what it does)", one_of("best", "last"))
+    max_new_tokens: int = arg(None, "multi-token tasks: the rollout length T and the generation limit "
+                              "(paper: 200; hmath_algebra's evaluation: 400)", at_least(1))
+    seed: int = arg(0, "run r seeds its split, demo order, init and shuffles with seed + r (paper: r)")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu",
+                      one_of("auto", "cuda", "mps", "cpu"))
+    dtype: str = arg("auto", "the base model's dtype: auto (bfloat16 on a GPU that has it natively, else "
+                     "float32), bfloat16, float16, float32", one_of("auto", "bfloat16", "float16", "float32"))
+    out: str = arg(None, "output folder; unset: runs/<task>-<model>-n<N>-<time>")
+    list_tasks: bool = arg(False, "print the task table and exit")
+
+    def __post_init__(self):
+        if self.lr is None:
+            self.lr = LR_GRIDS.get(self.adapter, ())
+
+
+LR_GRIDS = dict(lora=(1e-4, 3e-4, 1e-3), ia3=(1e-1, 1e-2, 1e-3))  # each adapter's paper grid (§5, App. B)
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type is tuple:
+            kw = dict(nargs="+", type=float if f.name in ("lr", "beta") else str)
+        elif f.type is bool:
+            kw = dict(action=argparse.BooleanOptionalAction)
+        else:
+            kw = dict(type=f.type)
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kw)
+    cfg = Config(**vars(p.parse_args(argv)))
+    for f in dataclasses.fields(Config):  # each value against the condition written beside its field
+        value = getattr(cfg, f.name)
+        for v in value if f.type is tuple and value else [value]:
+            if f.metadata["ok"] and v is not None and not f.metadata["ok"][0](v):
+                raise IA2Error(f"--{f.name.replace('_', '-')} {v}: must be {f.metadata['ok'][1]}")
+    return cfg
+
 
 
 def set_seed(seed: int):
@@ -1279,7 +1385,6 @@ def setup(cfg: Config) -> Setup:
         raise IA2Error(f"{cfg.model}'s tokenizer has no EOS token; multi-token targets end with one")
     check_tokenizer(tok, [x for x, _ in data[cfg.task][1][:20]])
     model = load_model(cfg.model, tok, device, dtype)
-    add_adapters(model, cfg)
     view = {}
     for n, (pool, eval_set) in data.items():
         gold = np.array([y for _, y in eval_set], dtype=int if labels[n] else object)
@@ -1359,10 +1464,10 @@ def evaluate(S: Setup, ev: Task, prompt_sets: list, slots=None, show=0, tag="") 
     seqs, n = [p for ps in prompt_sets for p in ps], len(ev.gold)
     rows = None if slots is None else [k for k in slots for _ in range(n)]
     if ev.labels:
-        pred = predict(S.model, seqs, ev.label_ids, rows)
+        pred = predict_all(S.model, seqs, ev.label_ids, rows)
         return [metrics([x[j * n:(j + 1) * n] for x in pred], ev.gold, S.tok, ev.labels)
                 for j in range(len(prompt_sets))]
-    texts = generate_texts(S.model, S.tok, seqs, S.cfg.max_new_tokens or ev.spec["gen"], rows)
+    texts = generate_all(S.model, S.tok, seqs, S.cfg.max_new_tokens or ev.spec["gen"], rows)
     pred, gold = [parse_answer(ev.name, t) for t in texts], [parse_answer(ev.name, y) for y in ev.gold]
     for i in range(show):
         print(f"[{tag}] example {i}: ...{texts[i][-160:]!r} -> {pred[i]!r} (gold {gold[i]!r})")
@@ -1380,8 +1485,8 @@ def draw_runs(S: Setup) -> list:
         runs.append(dict(r=r, train=train, dev=dev, rest=rest))
     if set(S.cfg.methods) - {"zero_shot", "icl", "sft"}:
         T = 1 if S.task.labels else S.cfg.max_new_tokens or 200  # §3: T=1 single-token, G=200 multi-token
-        teacher(S.model, [it for run in runs for it in run["train"] + run["dev"]], T, S.tok.eos_token_id,
-                scores="kd" in S.cfg.methods)
+        teacher_all(S.model, [it for run in runs for it in run["train"] + run["dev"]], T, S.tok.eos_token_id,
+                    kd="kd" in S.cfg.methods)
         for run in runs:
             T_mean = float(np.mean([len(it["y_icl"]) for it in run["train"] + run["dev"]]))
             right = sum(teacher_is_right(S, it) for it in run["train"])
@@ -1397,11 +1502,11 @@ def teacher_is_right(S: Setup, it: dict) -> bool:
     return parse_answer(S.task.name, answer_of(S.tok, it["y_icl"])) == parse_answer(S.task.name, it["y"])
 
 
-def run_method(S: Setup, m: str, runs: list, ia2_states: dict, folder: str, rows: list):
+def run_method(S: Setup, m: str, runs: list, folder: str, rows: list, start=None) -> dict:
     """Appends m's rows to rows as each finishes (Ctrl-C keeps them). zero_shot: the base model, once; icl:
     with N-1 held-out demos per query, once per run; a trained method: every (lr, β, run) adapter trained at
     once, then evaluated at once on every eval task and saved; ia2_then_sft(_icl) continues the IA2 adapter of
-    its (lr, run)."""
+    its (lr, run) in start. Returns the adapters, {(lr, β, run): state}."""
     cfg = S.cfg
     if m in ("zero_shot", "icl"):
         with without_adapters(S.model):
@@ -1412,19 +1517,18 @@ def run_method(S: Setup, m: str, runs: list, ia2_states: dict, folder: str, rows
                 tag = f"{m}{' run 0' * (m == 'icl')} on {ev.name}"
                 for r, x in enumerate(evaluate(S, ev, sets, show=2, tag=tag)):
                     rows.append(dict(task=ev.name, method=m, lr=None, beta=None, run=r, **x))
-        return
+        return {}
     jobs = []
     for lr in cfg.lr:
         for beta in cfg.beta if m == "ia2_plus_sft" else [None]:
             for run in runs:
-                start = ia2_states.get((lr, run["r"])) if "then" in m else None  # IA2→SFT: its IA2 adapter
-                jobs.append(Job(lr, run["r"], run["train"], run["dev"], beta, start))
+                at = start[lr, None, run["r"]] if start else None  # IA2→SFT: its IA2 adapter
+                jobs.append(Job(lr, run["r"], run["train"], run["dev"], beta, at))
     tag = functools.partial(job_name, m)
-    train(S.model, OBJECTIVE[m], jobs, cfg, tag)
-    if m == "ia2":
-        ia2_states.update({(job.lr, job.run): adapter_state(S.model, k) for k, job in enumerate(jobs)})
+    train_grid(S.model, OBJECTIVE[m], jobs, cfg, tag)
+    states = {(job.lr, job.beta, job.run): slot_state(S.model, k) for k, job in enumerate(jobs)}
     if m not in cfg.methods:
-        return  # only the IA2 phase of ia2_then_sft(_icl)
+        return states  # only the IA2 phase of ia2_then_sft(_icl)
     for ev in S.evals:
         sets, slots = [ev.queries] * len(jobs), list(range(len(jobs)))
         for job, x in zip(jobs, evaluate(S, ev, sets, slots, 2, f"{tag(jobs[0])} on {ev.name}")):
@@ -1433,8 +1537,9 @@ def run_method(S: Setup, m: str, runs: list, ia2_states: dict, folder: str, rows
             ece = f" | ece {x['ece']:.3f}" if "ece" in x else ""
             print(f"[{tag(job)}] {ev.name}: acc {x['accuracy']:.1f}{ece} | best dev {job.best:.4f} | "
                   f"{job.steps} steps")
-    for k, job in enumerate(jobs):
-        save_adapter(S.model, adapter_dir(folder, m, job.lr, job.beta, job.run), cfg, k)
+    for (lr, beta, run), state in states.items():
+        save_adapter(state, adapter_dir(folder, m, lr, beta, run), cfg)
+    return states
 
 
 def job_name(m: str, job: Job) -> str:
@@ -1445,6 +1550,45 @@ def job_name(m: str, job: Job) -> str:
 def adapter_dir(folder: str, method: str, lr: float, beta, run: int) -> str:
     setting = f"lr{lr:g}" + ("" if beta is None else f"-beta{beta:g}")
     return os.path.join(folder, "adapters", method, setting, f"run{run}")
+
+
+PEFT = dict(A="lora_A.weight", B="lora_B.weight", l="ia3_l")  # each parameter's name in PEFT's saved layout
+
+
+def save_adapter(state: dict, folder: str, cfg: Config):
+    """An adapter (adapter_state, slot_state) in PEFT's layout: peft.PeftModel.from_pretrained(base_model,
+    folder) loads it (tested)."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    tensors = {}
+    for n, t in state.items():
+        module, p = n.rsplit(".", 1)
+        tensors[f"base_model.model.{module}.{PEFT[p]}"] = t.cpu().contiguous()
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    targets = list(adapter_targets(cfg))
+    config = dict(task_type="CAUSAL_LM", base_model_name_or_path=cfg.model, inference_mode=True)
+    if cfg.adapter == "ia3":
+        config.update(peft_type="IA3", target_modules=targets, feedforward_modules=targets,
+                      fan_in_fan_out=False, init_ia3_weights=True)
+    else:
+        config.update(peft_type="LORA", r=cfg.rank, lora_alpha=cfg.rank, lora_dropout=0.0, bias="none",
+                      target_modules=targets, init_lora_weights=True)
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def read_adapter(folder: str) -> dict:
+    """A saved adapter, as adapter_state gives it: load_adapter_state(model, read_adapter(folder))."""
+    from safetensors.torch import load_file
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        raise IA2Error(f"no adapter at {path}")
+    ours, out = {key: p for p, key in PEFT.items()}, {}  # "lora_A.weight" -> "A"
+    for key, t in load_file(path).items():
+        name = key[len("base_model.model."):]
+        suffix = next(x for x in ours if name.endswith("." + x))
+        out[name[:-len(suffix)] + ours[suffix]] = t
+    return out
 
 
 def summarize(rows: list) -> dict:
@@ -1574,13 +1718,26 @@ def run_experiment(cfg: Config) -> list:
 
 
 def print_plan(S: Setup, methods: list):
+    """What the run trains and evaluates, and the most optimizer steps an adapter can take."""
     cfg, trained = S.cfg, [m for m in methods if m in TRAINED]
+    evals = ", ".join(f"{len(ev.gold)} {ev.name}" for ev in S.evals)
+    base = [m for m in methods if m not in TRAINED]
+    if not trained:
+        return print(f"plan: {' and '.join(base)} of the base model, evaluated on {evals} examples")
     n = cfg.runs * len(cfg.lr) * sum(len(cfg.beta) if m == "ia2_plus_sft" else 1 for m in trained)
     betas = f", ia2_plus_sft x {len(cfg.beta)} β" * ("ia2_plus_sft" in methods)
-    evals = ", ".join(f"{len(ev.gold)} {ev.name}" for ev in S.evals)
-    print(f"plan: {n} adapters ({', '.join(trained)} x {len(cfg.lr)} lr x {cfg.runs} runs{betas}; at most "
-          f"{cfg.epochs} epochs; a method's adapters train together), evaluated on {evals} examples, as are "
-          "zero-shot and ICL")
+    targets = [m for name, m in S.model.named_modules() if name.rsplit(".", 1)[-1] in adapter_targets(cfg)]
+    if cfg.adapter == "ia3":
+        kind, size = "(IA)³", sum(m.in_features for m in targets)
+    else:
+        kind, size = f"LoRA r={cfg.rank} α={cfg.rank}", sum(cfg.rank * (m.in_features + m.out_features)
+                                                         for m in targets)
+    per_epoch = math.ceil(cfg.n_train / cfg.batch_size)
+    print(f"plan: {n} adapters, {kind} on {','.join(adapter_targets(cfg))}, {size:,} trainable parameters each "
+          f"({', '.join(trained)} x {len(cfg.lr)} lr x {cfg.runs} run{'s' * (cfg.runs > 1)}{betas}); each at "
+          f"most {cfg.epochs} epochs of {per_epoch} step{'s' * (per_epoch > 1)} (N={cfg.n_train}, batch size "
+          f"{min(cfg.batch_size, cfg.n_train)}): {cfg.epochs * per_epoch} optimizer steps; a method's adapters "
+          f"train together. Evaluated on {evals} examples" + f", as {' and '.join(base)} are" * bool(base))
 
 
 def run_methods(S: Setup, methods: list, finished: list, folder: str, rows: list, timing: dict):
@@ -1593,10 +1750,12 @@ def run_methods(S: Setup, methods: list, finished: list, folder: str, rows: list
         if m in finished:
             if m == "ia2":  # the start of ia2_then_sft(_icl): the saved IA2 adapters
                 for lr, run in itertools.product(S.cfg.lr, runs):
-                    ia2_states[lr, run["r"]] = read_adapter(adapter_dir(folder, m, lr, None, run["r"]))
+                    ia2_states[lr, None, run["r"]] = read_adapter(adapter_dir(folder, m, lr, None, run["r"]))
             continue
         tick = time.time()
-        run_method(S, m, runs, ia2_states, folder, rows)
+        states = run_method(S, m, runs, folder, rows, start=ia2_states if m.startswith("ia2_then") else None)
+        if m == "ia2":
+            ia2_states = states
         timing[m] = time.time() - tick
         left = timing[m] * sum(x in TRAINED and x not in finished for x in methods[methods.index(m) + 1:])
         if m == first and left:  # after the first trained method: its time times the methods to come
@@ -1621,7 +1780,12 @@ def as_json(x):
 
 def saved_config(folder: str):
     path = os.path.join(folder, "config.json")
-    return json.load(open(path))["config"] if os.path.isfile(path) else None
+    return read_json(path)["config"] if os.path.isfile(path) else None
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
 def resumable(cfg: Config, tmp: str) -> tuple:
@@ -1636,7 +1800,7 @@ def resumable(cfg: Config, tmp: str) -> tuple:
         raise IA2Error(f"{tmp}/ holds an interrupted run of another command (it differs in {flags}): run "
                        "that command to resume it, or move the folder away")
     path = os.path.join(tmp, "results.json")
-    rows = json.load(open(path))["rows"] if os.path.isfile(path) else []
+    rows = read_json(path)["rows"] if os.path.isfile(path) else []
     n_tasks, grid = len(dict.fromkeys(cfg.eval_tasks or [cfg.task])), len(cfg.lr) * cfg.runs
     expected = dict(zero_shot=1, icl=cfg.runs, ia2_plus_sft=grid * len(cfg.beta))
 

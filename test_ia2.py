@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q test_ia2.py
 """
+import collections
 import csv
 import json
 import math
@@ -98,7 +99,7 @@ def test_lora_is_identity_at_init_and_equals_merged_weight():
     x = torch.randn(3, 16)
     assert torch.equal(lora(x), base(x))  # B = 0
     torch.nn.init.normal_(lora.B)
-    merged = base.weight + (8 / 4) * lora.B[0] @ lora.A[0]  # W0 + (α/r)·B·A
+    merged = base.weight + (8 / 4) * lora.B @ lora.A  # W0 + (α/r)·B·A
     torch.testing.assert_close(lora(x), torch.nn.functional.linear(x, merged, base.bias))
     with ia2.without_adapters(torch.nn.Sequential(lora)):
         assert torch.equal(lora(x), base(x))
@@ -115,7 +116,7 @@ def test_add_lora_keeps_outputs_and_trains_only_lora(model):
     # per layer: q 32->32, k 32->16, o 32->32, each r·(d_in + d_out)
     assert sum(trainable.values()) == 2 * 8 * ((32 + 32) + (32 + 16) + (32 + 32))
     frozen = {n: p.clone() for n, p in m.named_parameters() if not p.requires_grad}
-    ia2.train(m, "sft", [ia2.Job(1e-2, 0, items(tok), items(tok, 2, 1))], ia2.Config(n_train=4, epochs=2), str)
+    ia2.fit(m, "sft", items(tok), items(tok, 2, 1), 1e-2, epochs=2)
     assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if not p.requires_grad)
     assert any(mod.B.abs().sum() > 0 for mod in ia2.adapter_modules(m).values())
 
@@ -123,7 +124,10 @@ def test_add_lora_keeps_outputs_and_trains_only_lora(model):
 def test_lora_rows_each_use_their_own_adapter():
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 24)
-    lora = ia2.LoRALinear(base, r=4, alpha=8, K=3)
+    lora = ia2.LoRASlots(base, r=4, alpha=8, K=3)
+    assert lora.A.shape == (3, 4, 16) and lora.B.shape == (3, 24, 4)
+    for k in range(3):
+        lora.reset(k)
     torch.nn.init.normal_(lora.B)
     assert not torch.equal(lora.A[0], lora.A[1])  # each adapter has its own init
     x = torch.randn(4, 5, 16)
@@ -142,9 +146,9 @@ def test_ia3_is_the_base_model_at_init_and_equals_its_merged_weight():
     base = torch.nn.Linear(16, 24)
     ia3 = ia2.IA3Linear(base)
     x = torch.randn(3, 16)
-    assert torch.equal(ia3(x), base(x)) and ia3.l.shape == (1, 1, 16)
+    assert torch.equal(ia3(x), base(x)) and ia3.l.shape == (1, 16)  # PEFT's shape
     torch.nn.init.normal_(ia3.l)
-    merged = base.weight * ia3.l[0]  # W0 · diag(l): column j scaled by l_j
+    merged = base.weight * ia3.l  # W0 · diag(l): column j scaled by l_j
     torch.testing.assert_close(ia3(x), torch.nn.functional.linear(x, merged, base.bias))
     with ia2.without_adapters(torch.nn.Sequential(ia3)):
         assert torch.equal(ia3(x), base(x))
@@ -153,7 +157,8 @@ def test_ia3_is_the_base_model_at_init_and_equals_its_merged_weight():
 def test_ia3_rows_each_use_their_own_vector():
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 24)
-    ia3 = ia2.IA3Linear(base, K=3)
+    ia3 = ia2.IA3Slots(base, K=3)
+    assert ia3.l.shape == (3, 1, 16)
     torch.nn.init.normal_(ia3.l)
     x = torch.randn(4, 5, 16)
     ia3.rows = torch.tensor([2, 0, 2, 1])
@@ -224,7 +229,7 @@ def saved_bytes(m, items, objective) -> int:
         if x.untyped_storage().data_ptr() not in params:
             seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
         return x
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), ia2.adapters(m, list(range(len(items)))):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), ia2.routed(m, list(range(len(items)))):
         ia2.objective_loss(m, objective, items, 0.5)
     return sum(seen.values())
 
@@ -247,7 +252,7 @@ def test_the_token_budget_costs_what_autograd_keeps(arch, dtype):
         m = getattr(transformers, model_cls)(conf)
     m = m.to(dtype)
     m.config.pad_token_id = 0
-    ia2.add_lora(m, K=3)
+    ia2.add_adapters(m, ia2.Config(), K=3)
     torch.manual_seed(0)
     items = [dict(x=torch.randint(3, 256, (64,)).tolist(), y_icl=[5], A_icl=torch.randn(conf.num_hidden_layers, 1,
                                                                                       conf.hidden_size).to(dtype))
@@ -446,7 +451,7 @@ def test_kv_cached_teacher_equals_full_reforward(model):
     assert len(refs_eos[0][0]) == k + 1
     m.generation_config.eos_token_id = None  # generate() too stops at eos_id only (other EOS ids: the kd test)
     for eos_id, expected in ((-1, refs), (eos, refs_eos)):
-        its = ia2.teacher(m, [dict(icl=p) for p in prompts], 12, eos_id, scores=True)
+        its = ia2.teacher(m, [dict(icl=p) for p in prompts], 12, eos_id, kd=True)
         for it, (toks, acts, logp) in zip(its, expected):
             assert it["y_icl"] == toks and it["A_icl"].shape == (2, len(toks), 32)
             torch.testing.assert_close(it["A_icl"], acts, atol=1e-5, rtol=1e-4)
@@ -464,7 +469,7 @@ def test_kd_targets_stop_where_the_official_generate_stops(model):
     refs = [uncached_rollout(m, p, 12, eos=-1) for p in prompts]
     second = next(y for y in refs[0][0][3:] if y not in refs[0][0][:3])  # first emitted at step >= 3
     m.generation_config.eos_token_id = [1, second]
-    its = ia2.teacher(m, [dict(icl=p) for p in prompts], 12, eos_id=-1, scores=True)
+    its = ia2.teacher(m, [dict(icl=p) for p in prompts], 12, eos_id=-1, kd=True)
     for it, (toks, _, logp) in zip(its, refs):
         n = next((i + 1 for i, y in enumerate(toks) if y in (1, second)), len(toks))  # generate() stops here
         assert it["y_icl"] == toks and it["y_kd"] == toks[:n] and it["logp_icl"].shape[0] == n
@@ -528,8 +533,8 @@ def test_batched_generation_equals_batch_size_one(model):
     stopped = ia2.generate(m, prompts, 10, set(), stop=lambda prev, y: y == stop_tok)
     for s, b in zip(stopped, batched):
         assert s["tokens"] == b["tokens"][:b["tokens"].index(stop_tok) + 1 if stop_tok in b["tokens"] else 10]
-    texts = ia2.generate_texts(m, tok, prompts, 10)
-    assert texts == [ia2.generate_texts(m, tok, [p], 10)[0] for p in prompts]
+    texts = ia2.generate_answers(m, tok, prompts, 10)
+    assert texts == [ia2.generate_answers(m, tok, [p], 10)[0] for p in prompts]
     assert texts[0] == tok.decode(batched[0]["tokens"], skip_special_tokens=True).split("\n\n")[0]
 
 
@@ -542,6 +547,12 @@ def test_batched_generation_equals_batch_size_one(model):
     ("gsm8k", "Answer: 3 apples", "3"),
     ("gsm8k", "#### -5", "-5"),
     ("gsm8k", "#### 72.0", "72"),
+    ("gsm8k", "#### .0", "0"),  # a number is written as its value, as the official float(x) compare reads it:
+    ("gsm8k", "#### -0.0", "0"),  # zero whatever its sign, no trailing zeros, no leading ones
+    ("gsm8k", "#### 007.50", "7.5"),
+    ("gsm8k", "#### 1,000", "1000"),
+    ("gsm8k", "#### -.5", "-0.5"),  # (the official pattern has no sign and reads "5" here: README, Deviations)
+    ("gsm8k", "#### 12345678901234567891", "12345678901234567891"),  # exact, where float would round
     ("gsm8ks", "5 apples and eats 2, leaving 3", "3"),  # no marker: the last number
     ("gsm8k", "#### ", None),
     ("gsm8k", "no numbers at all", None),
@@ -600,7 +611,7 @@ def test_generation_stops_at_every_eos_of_the_generation_config(model):
         o["tokens"][:1] for o in ia2.generate(m, prompts, 8, set())]  # every id an EOS: one token each
     free = [o["tokens"] for o in ia2.generate(m, prompts, 8, set())]
     m.generation_config.eos_token_id = [1, free[0][2]]  # a second EOS, as Llama-3 Instruct and Qwen3 have
-    texts = ia2.generate_texts(m, tok, prompts[:1], 8)
+    texts = ia2.generate_answers(m, tok, prompts[:1], 8)
     assert texts == [tok.decode(free[0][:3], skip_special_tokens=True).split("\n\n")[0]]
 
 
@@ -648,58 +659,83 @@ def dev_log(text: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("adapter, objective", [("lora", "sft"), ("lora", "ia2"), ("lora", "ia2_plus_sft"),
-                                               ("ia3", "ia2_plus_sft")])
-def test_jobs_trained_together_equal_each_trained_alone(model, capsys, monkeypatch, adapter, objective):
-    """K adapters in one batch (and in pieces of one example, the token budget at its smallest) give each
-    job the init, example order, steps, dev losses and final adapter of training it alone."""
-    tok, m = model
-    cfg = ia2.Config(n_train=4, batch_size=2, epochs=7, patience=2, seed=3, adapter=adapter)
-    ia2.add_adapters(m, cfg)
-    ia2.set_seed(9)
-    start = {n: tuple(x + 0.1 * torch.randn_like(x) for x in ts) for n, ts in ia2.adapter_state(m).items()}
-    data = [(items(tok, 4, 0), items(tok, 2, 5)), (items(tok, 4, 1), items(tok, 2, 6)), (items(tok, 3, 2), items(tok, 2, 7))]
-    lr = 1e-2 if adapter == "lora" else 3e-1  # (IA)³'s grid is 10-100x LoRA's
-    make = lambda: [ia2.Job(lr, 0, *data[0], beta=0.3), ia2.Job(3 * lr, 1, *data[1], beta=0.7),
-                    ia2.Job(lr, 1, *data[2], beta=0.5, start=start)]
-    tag = lambda job: f"{job.lr:g} {job.run} {job.beta}"
-    alone = []
-    for job in make():
-        ia2.train(m, objective, [job], cfg, tag)
-        alone.append((job, ia2.adapter_state(m, 0)))
-    logs_alone = dev_log(capsys.readouterr().out)
-    for budget in (None, 1):
-        if budget:
-            monkeypatch.setattr(ia2, "token_budget", lambda model, grad: budget)
-        together = ia2.train(m, objective, make(), cfg, tag)
-        logs = dev_log(capsys.readouterr().out)
-        assert logs.keys() == logs_alone.keys() and len(logs) == 3
-        for k, (job, (ref, state)) in enumerate(zip(together, alone)):
-            assert job.steps == ref.steps and job.epoch == ref.epoch and job.best == pytest.approx(ref.best, abs=1e-5)
-            assert logs[tag(job)] == pytest.approx(logs_alone[tag(job)], abs=1.01e-4)  # printed to 4 decimals
-            for n, ts in ia2.adapter_state(m, k).items():  # round-off grows over the steps (and MKL's depends
-                for x, ref in zip(ts, state[n]):              # on the buffers' alignment, so on the tests before)
-                    torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-3)
-    assert len({j.steps for j in together}) > 1  # the jobs stopped at different steps: one ran on alone
+@pytest.mark.parametrize("adapter, budget, restore", [("lora", None, "best"), ("ia3", 1, "last")])
+def test_every_adapter_the_engine_trains_equals_the_reference_fit(tiny, capsys, monkeypatch, adapter, budget, restore):
+    """The command line's path (Part II: a method's whole grid in one model, K adapters per forward pass; with
+    budget=1 every piece of a batch is one example) against Part I, one adapter at a time: for every trained
+    method, lr, β and run, the saved adapter, the best dev loss, the steps and the dev losses of the log equal
+    those of a fresh adapter trained by fit (IA2→SFT: by ia2_then_sft, from its own IA2 phase) on the same
+    run's items, to fp32 round-off: batches of other shapes round otherwise, and Adam, which divides each
+    gradient by its own size, magnifies that where a gradient is near 0, to ~1e-3 of the update over 15
+    steps. Jobs of each method stop at different steps (early stopping or the epoch cap)."""
+    if budget:
+        monkeypatch.setattr(ia2, "token_budget", lambda model, grad: budget)
+    lrs = ("1e-2", "5e-2") if adapter == "lora" else ("2e-1", "5e-1")  # (IA)³'s grid is 10-100x LoRA's
+    args = ["--methods", *ia2.TRAINED, "--n-train", "5", "--runs", "2", "--lr", *lrs, "--beta", "0.3", "0.8",
+            "--epochs", "6", "--patience", "2", "--batch-size", "2", "--eval-size", "6", "--seed", "3",
+            "--adapter", adapter, "--restore", restore]
+    p = in_process(tiny, capsys, *args, out=f"reference-{adapter}")
+    assert p.returncode == 0, p.stderr
+    folder, logs = tiny["root"] / f"reference-{adapter}", dev_log(p.stdout)
+    rows = {(x["method"], x["lr"], x["beta"], x["run"]): x for x in json.loads((folder / "results.json").read_text())["rows"]}
+    cfg = ia2.Config(model=tiny["model"], n_train=5, adapter=adapter, seed=3, eval_size=6)
+    tok = ia2.load_tokenizer(tiny["model"])
+    m = ia2.load_model(tiny["model"], tok, torch.device("cpu"), torch.float32)
+    pool = ia2.load_task(cfg, "sst2", ["0", "1"], tiny["data"])[0]
+    fit = dict(epochs=6, patience=2, batch_size=2, restore=restore)
+    worst, steps = 0.0, collections.defaultdict(set)
+    for r in range(2):
+        train, dev, _, orders = ia2.few_shot_split(pool, 5, 3 + r)
+        tr, dv = ia2.training_items(tok, ["0", "1"], train, dev, orders)
+        ia2.teacher(m, tr + dv, 1, tok.eos_token_id, kd=True)
+        for method, lr, beta in [(x, float(lr), b) for x in ia2.TRAINED for lr in lrs
+                                 for b in ((0.3, 0.8) if x == "ia2_plus_sft" else (None,))]:
+            ia2.set_seed(3 + r)
+            ia2.add_adapters(m, cfg)  # a fresh adapter, as every method of run r starts
+            init = ia2.adapter_state(m)
+            if method.startswith("ia2_then"):  # IA2, then SFT on the ground truth or on the ICL outputs
+                sft = dict(ia2_then_sft="sft", ia2_then_sft_icl="sft_icl")[method]
+                devs = ia2.ia2_then_sft(m, tr, dv, lr, sft=sft, seed=3 + r, **fit)
+                logged = logs[ia2.job_name("ia2", ia2.Job(lr, r, [], []))]  # the engine's IA2 phase, then SFT
+            else:  # each of these methods is named after its objective
+                devs = ia2.fit(m, method, tr, dv, lr, beta=beta, seed=3 + r, **fit)
+                logged = []
+            capsys.readouterr()
+            logged = logged + logs[ia2.job_name(method, ia2.Job(lr, r, [], [], beta))]
+            row, saved = rows[method, lr, beta, r], ia2.read_adapter(ia2.adapter_dir(str(folder), method, lr, beta, r))
+            assert logged == pytest.approx(devs, rel=1e-3, abs=1.01e-4)  # the log prints 4 decimals
+            phase = devs[len(devs) - len(logs[ia2.job_name(method, ia2.Job(lr, r, [], [], beta))]):]
+            assert row["dev_loss"] == pytest.approx(min(phase), rel=5e-3)
+            ours = ia2.adapter_state(m)
+            assert saved.keys() == ours.keys()
+            for n, t in ours.items():  # the difference, relative to the update training made
+                err = float((saved[n] - t).norm() / (t - init[n]).norm())
+                assert err < 5e-3, (method, lr, beta, r, n, err)
+                worst = max(worst, err)
+            steps[method].add(len(devs))
+    assert all(len(s) > 1 for s in steps.values()), steps  # the jobs of each method stopped at different steps
+    print(f"largest difference, engine against reference ({adapter}): {worst:.1e} of the update")
 
 
 def test_many_adapters_evaluated_at_once_equal_one_at_a_time(model):
+    """predict_all and generate_all, 3 adapters in shared batches, against Part I's predict and
+    generate_answers with each adapter alone."""
     tok, m = model
-    ia2.add_lora(m, K=3)
+    ia2.add_adapters(m, ia2.Config(), K=3)
     torch.manual_seed(0)
     for mod in ia2.adapter_modules(m).values():
         torch.nn.init.normal_(mod.B, std=0.3)
-    states = [ia2.adapter_state(m, k) for k in range(3)]
+    states = [ia2.slot_state(m, k) for k in range(3)]
     queries = [it["x"] for it in items(tok, 5)]
-    together = ia2.predict(m, queries * 3, [5, 6], slots=[k for k in range(3) for _ in queries])
-    texts = ia2.generate_texts(m, tok, queries * 3, 6, slots=[k for k in range(3) for _ in queries])
+    together = ia2.predict_all(m, queries * 3, [5, 6], slots=[k for k in range(3) for _ in queries])
+    texts = ia2.generate_all(m, tok, queries * 3, 6, slots=[k for k in range(3) for _ in queries])
     ia2.add_lora(m)
     for k, state in enumerate(states):
         ia2.load_adapter_state(m, state)
         alone = ia2.predict(m, queries, [5, 6])
         for x, y in zip(together, alone):
             np.testing.assert_allclose(x[k * 5:(k + 1) * 5], y, atol=1e-6)
-        assert texts[k * 5:(k + 1) * 5] == ia2.generate_texts(m, tok, queries, 6)
+        assert texts[k * 5:(k + 1) * 5] == ia2.generate_answers(m, tok, queries, 6)
 
 
 def test_best_dev_checkpoint_is_restored(model, capsys):
@@ -711,16 +747,17 @@ def test_best_dev_checkpoint_is_restored(model, capsys):
         with torch.no_grad():
             return float(np.mean([-m(torch.tensor([it["x"]])).logits[0, -1].log_softmax(-1)[it["y_ids"][0]].item()
                                   for it in dv]))
-    cfg = ia2.Config(n_train=4, epochs=30, patience=3)
-    ia2.train(m, "sft", [ia2.Job(3e-1, 0, tr, dv)], cfg, lambda job: "t")  # a high lr overshoots
-    devs = [float(line.split("dev ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "| dev" in line]
+    ia2.set_seed(0)
+    ia2.add_lora(m)
+    devs = ia2.fit(m, "sft", tr, dv, 3e-1, epochs=30, patience=3)  # a high lr overshoots
     assert len(devs) == 3 + devs.index(min(devs)) + 1  # stopped `patience` checks after the best
     assert devs[-1] > min(devs) + 1e-3
-    assert dev_ce() == pytest.approx(min(devs), abs=1e-4)  # the adapter left is the best one, not the last one
-    ia2.train(m, "sft", [ia2.Job(3e-1, 0, tr, dv)], ia2.Config(n_train=4, epochs=30, patience=3, restore="last"), str)
-    last = [float(line.split("dev ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "| dev" in line]
-    assert last == devs  # the same training; --restore last keeps its last adapter, as the official code does
-    assert dev_ce() == pytest.approx(last[-1], abs=1e-4)
+    assert dev_ce() == pytest.approx(min(devs), abs=1e-5)  # the adapter left is the best one, not the last one
+    ia2.set_seed(0)
+    ia2.add_lora(m)
+    last = ia2.fit(m, "sft", tr, dv, 3e-1, epochs=30, patience=3, restore="last")
+    assert last == devs  # the same training; restore="last" keeps its last adapter, as the official code does
+    assert dev_ce() == pytest.approx(last[-1], abs=1e-5)
 
 
 def test_dev_checks_every_2_steps_and_at_each_epoch_end(model, capsys):
@@ -728,8 +765,7 @@ def test_dev_checks_every_2_steps_and_at_each_epoch_end(model, capsys):
     gives epochs of 3 steps (4 + 4 + 2 examples): checks after steps 2, 3, 4, 6, 8, 9 in 3 epochs."""
     tok, m = model
     ia2.add_lora(m)
-    ia2.train(m, "sft", [ia2.Job(1e-4, 0, items(tok, 10), items(tok, 2, 1))],
-              ia2.Config(n_train=10, epochs=3, patience=99), lambda job: "t")
+    ia2.fit(m, "sft", items(tok, 10), items(tok, 2, 1), 1e-4, epochs=3, patience=99)
     steps = [int(line.split("step ")[1].split()[0]) for line in capsys.readouterr().out.splitlines() if "| dev" in line]
     assert steps == [s for s in range(1, 10) if s % 2 == 0 or s % 3 == 0]
 
@@ -923,6 +959,41 @@ def test_split_and_demo_order_are_the_official_ones(pool_size, n, r, train, dev,
     assert [i for _, i in tr] == train and [i for _, i in dv] == dev and got == orders
 
 
+OFFICIAL_PROMPTS = dict(  # the official code's draws (create_training_datasets.py, evaluate_batch_optimized.py)
+    # for the pool below, N = 4, run 1: the pool permuted by RandomState(1) gives train charlie, juliet, golf, echo,
+    # dev alpha, delta, rest bravo, hotel, india, foxtrot; the same generator then orders each query's N-1 demos
+    train=["Text:echo\nLabel:0\n\nText:juliet\nLabel:1\n\nText:golf\nLabel:0\n\nText:charlie\nLabel:",
+           "Text:charlie\nLabel:0\n\nText:golf\nLabel:0\n\nText:echo\nLabel:0\n\nText:juliet\nLabel:",
+           "Text:juliet\nLabel:1\n\nText:charlie\nLabel:0\n\nText:echo\nLabel:0\n\nText:golf\nLabel:",
+           "Text:charlie\nLabel:0\n\nText:juliet\nLabel:1\n\nText:golf\nLabel:0\n\nText:echo\nLabel:"],
+    dev=["Text:echo\nLabel:0\n\nText:juliet\nLabel:1\n\nText:golf\nLabel:0\n\nText:alpha\nLabel:",  # train 0's
+         "Text:charlie\nLabel:0\n\nText:golf\nLabel:0\n\nText:echo\nLabel:0\n\nText:delta\nLabel:"],  # train 1's
+    # ICL evaluation: a fresh RandomState(1) draws N-1 of the rest for each eval query, in the drawn order
+    icl=["Text:foxtrot\nLabel:1\n\nText:india\nLabel:0\n\nText:bravo\nLabel:1\n\nText:kilo\nLabel:",
+         "Text:bravo\nLabel:1\n\nText:india\nLabel:0\n\nText:hotel\nLabel:1\n\nText:lima\nLabel:"])
+OFFICIAL_POOL = [(f"Text:{w}\nLabel:", i % 2) for i, w in enumerate(
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split())]
+
+
+def test_a_run_s_prompts_are_the_official_ones_written_out(tiny, monkeypatch):
+    """Run 1's training, dev and ICL-evaluation prompts, as the experiment builds them (draw_runs; run_method
+    for icl), against the prompts written out above from the official code's rule: which demos, how many,
+    in which order."""
+    cfg = ia2.Config(model=tiny["model"], data=(tiny["data"],), n_train=4, runs=2, methods=("icl",), eval_size=2)
+    S = ia2.setup(cfg)
+    S = S._replace(task=S.task._replace(pool=OFFICIAL_POOL))
+    evals = [S.evals[0]._replace(eval_set=[("Text:kilo\nLabel:", 0), ("Text:lima\nLabel:", 1)])]
+    S = S._replace(evals=evals)
+    runs = ia2.draw_runs(S)
+    assert [S.tok.decode(it["icl"]) for it in runs[1]["train"]] == OFFICIAL_PROMPTS["train"]
+    assert [S.tok.decode(it["icl"]) for it in runs[1]["dev"]] == OFFICIAL_PROMPTS["dev"]
+    assert [S.tok.decode(it["x"]) for it in runs[1]["train"]] == [p.rsplit("\n\n", 1)[1] for p in OFFICIAL_PROMPTS["train"]]
+    seen = []
+    monkeypatch.setattr(ia2, "evaluate", lambda S, ev, sets, *a, **k: seen.append(sets) or [dict(accuracy=0.0)] * len(sets))
+    ia2.run_method(S, "icl", runs, "unused", [])
+    assert [S.tok.decode(p) for p in seen[0][1]] == OFFICIAL_PROMPTS["icl"]  # run 1's set
+
+
 def test_few_shot_protocol(model):
     tok, _ = model
     pool = [(f"the film number {i}", i % 2) for i in range(40)]
@@ -1005,7 +1076,7 @@ def test_multi_token_accuracy_is_exact_match_of_the_parsed_answers(monkeypatch):
     gold = np.array(["so 2+3=5\n#### 5", "#### 8", "#### 1", "x\n#### 3"], dtype=object)
     texts = ["it is 5", "#### 7", "no number here", "The answer is 3.",  # set 0: right, wrong, none, right
              "#### 5", "#### 5", "#### 5", "#### 5"]  # set 1: only the first is right
-    monkeypatch.setattr(ia2, "generate_texts", lambda model, tok, seqs, max_new, slots=None: texts[:len(seqs)])
+    monkeypatch.setattr(ia2, "generate_all", lambda model, tok, seqs, max_new, slots=None: texts[:len(seqs)])
     ev = ia2.Task("gsm8k", ia2.TASKS["gsm8k"], None, None, [], [("q", g) for g in gold], [[1]] * 4, gold)
     S = ia2.Setup(ia2.Config(task="gsm8k"), None, None, ev, [ev])
     assert ia2.evaluate(S, ev, [[[1]] * 4, [[1]] * 4]) == [dict(accuracy=50.0), dict(accuracy=25.0)]
@@ -1149,8 +1220,8 @@ def test_saved_adapter_loads_in_peft(tiny, capsys):
     ia2.add_lora(ours, ("q_proj", "k_proj", "v_proj"))
     w = load_file(folder + "/adapter_model.safetensors")
     assert {k.split(".")[-3] for k in w} == {"q_proj", "k_proj", "v_proj"}
-    ia2.load_adapter_state(ours, {n: (w[f"base_model.model.{n}.lora_A.weight"], w[f"base_model.model.{n}.lora_B.weight"])
-                                  for n in ia2.adapter_modules(ours)})
+    ia2.load_adapter_state(ours, {f"{n}.{p}": w[f"base_model.model.{n}.lora_{p}.weight"]
+                                  for n in ia2.adapter_modules(ours) for p in "AB"})
     assert any(t.abs().sum() > 0 for k, t in w.items() if "lora_B" in k)
     ids = torch.tensor([ia2.encode(tok, "Text:the film was good\nLabel:")])
     with torch.no_grad():
@@ -1325,8 +1396,9 @@ def test_plan_estimate_epochs_cap_and_flag_messages(tiny, capsys):
     p = in_process(tiny, capsys, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--epochs", "1", "--lr", "1e-3",
             "--methods", "zero_shot", "sft", "ia2", out="plan")
     assert p.returncode == 0, p.stderr
-    assert ("plan: 4 adapters (sft, ia2 x 1 lr x 2 runs; at most 1 epochs; a method's adapters train together), "
-            "evaluated on 10 sst2 examples") in p.stdout
+    assert ("plan: 4 adapters, LoRA r=8 α=8 on q_proj,k_proj,o_proj, 2,816 trainable parameters each (sft, ia2 x "
+            "1 lr x 2 runs); each at most 1 epochs of 1 step (N=4, batch size 4): 1 optimizer steps; a method's "
+            "adapters train together. Evaluated on 10 sst2 examples, as zero_shot are") in p.stdout
     assert p.stdout.index("plan:") < p.stdout.index("[sft lr=0.001 run 0] ep 0")
     assert p.stdout.count("estimate: sft took") == 1
     assert "[sft lr=0.001 run 0] note: stopped by the --epochs 1 cap, not by early stopping" in p.stdout
@@ -1588,7 +1660,7 @@ def test_every_method_and_eval_py_on_an_ia3_run(tiny, capsys):
             "--methods", *ia2.METHODS, out="ia3-run")
     assert p.returncode == 0, p.stderr
     folder = tiny["root"] / "ia3-run"
-    assert "(IA)³ on q_proj,k_proj,o_proj" in p.stdout and "plan: 30 adapters" in p.stdout
+    assert "plan: 30 adapters, (IA)³ on q_proj,k_proj,o_proj, 192 trainable parameters each" in p.stdout
     res = json.loads((folder / "results.json").read_text())
     assert {x["method"] for x in res["rows"]} == set(ia2.METHODS)
     assert {x["lr"] for x in res["rows"] if x["lr"]} == {1e-1, 1e-2, 1e-3}
@@ -1614,7 +1686,7 @@ def check_ia3_adapter_in_peft(tiny, folder):
     tok = ia2.load_tokenizer(tiny["model"])
     ours = ia2.load_model(tiny["model"], tok, torch.device("cpu"), torch.float32)
     ia2.add_ia3(ours)
-    ia2.load_adapter(ours, folder)
+    ia2.load_adapter_state(ours, ia2.read_adapter(folder))
     assert any((mod.l - 1).abs().max() > 1e-3 for mod in ia2.adapter_modules(ours).values())  # it trained
     ids = torch.tensor([ia2.encode(tok, "Text:the film was good\nLabel:")])
     with torch.no_grad():
