@@ -34,6 +34,16 @@ But (README.md, Deviations): the best dev checkpoint is really restored (restore
 official code does); torch is seeded; padded batches replace gradient accumulation; adapters, logits and
 losses are fp32; one KV-cached rollout gives Ŷ, A_ICL and the KD targets.
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: one line, no traceback (then: main)
+    def stop_at_once(signum, frame):
+        print("ia2.py: stopped before the run began; nothing was written", file=sys.stderr)
+        sys.exit(128 + signum)  # 130 for Ctrl-C (SIGINT), 143 for SIGTERM
+    signal.signal(signal.SIGINT, stop_at_once)
+    signal.signal(signal.SIGTERM, stop_at_once)
+
 import contextlib
 import functools
 import inspect
@@ -601,9 +611,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import string
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -775,6 +783,7 @@ class Job:
     epoch_end: bool = False  # the last step ended an epoch
     batches: object = None  # shuffled_batches(), with the job's own RandomState(seed + run)
     done: bool = False
+    capped: bool = False  # stopped by the --epochs cap, not by early stopping
 
 
 def train_grid(model, objective: str, jobs: list, cfg, tag) -> list:
@@ -824,7 +833,8 @@ def update(job: Job, dev: float, loss: float, cfg, tag) -> bool:
     job.best, job.bad = (dev, 0) if new_best else (job.best, job.bad + 1)
     print(f"[{tag(job)}] ep {job.epoch} step {job.steps} | loss {loss:.4f} | dev {dev:.4f}{' *' * new_best}")
     job.done = job.bad >= cfg.patience or (job.epoch == cfg.epochs - 1 and job.epoch_end)
-    if job.done and job.bad < cfg.patience:
+    job.capped = job.done and job.bad < cfg.patience
+    if job.capped:
         print(f"[{tag(job)}] note: stopped by the --epochs {cfg.epochs} cap, not by early stopping" +
               " (the dev loss was still falling)" * new_best)
     return new_best
@@ -1291,8 +1301,8 @@ class Config:
                        (lambda v: len(v) == len(set(v)) > 0 and set(v) <= set("qkvo"), "letters of qkvo"))
     restore: str = arg("best", "adapter kept: best (lowest dev loss: what the official code means to do) or "
                        "last (what it does)", one_of("best", "last"))
-    max_new_tokens: int = arg(None, "multi-token tasks: the rollout length T and the generation limit "
-                              "(paper: 200; hmath_algebra's evaluation: 400)", at_least(1))
+    max_new_tokens: int = arg(None, "multi-token tasks: the rollout length T and the generation limit; "
+                              "unset: the paper's 200 (hmath_algebra's evaluation: 400)", at_least(1))
     seed: int = arg(0, "run r seeds its split, demo order, init and shuffles with seed + r (paper: r)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu",
                       one_of("auto", "cuda", "mps", "cpu"))
@@ -1309,17 +1319,32 @@ class Config:
 LR_GRIDS = dict(lora=(1e-4, 3e-4, 1e-3), ia3=(1e-1, 1e-2, 1e-3))  # each adapter's paper grid (§5, App. B)
 
 
+EXAMPLES = """examples:
+  python ia2.py --model Qwen/Qwen3-0.6B --task sst2                   # the paper's protocol on SST-2
+  python ia2.py --model Qwen/Qwen3-0.6B --task sst2 --eval-tasks sst2 finsen poems --adapter ia3
+  python ia2.py --model FOLDER --task sst2 --data FILE.csv --labels negative positive --runs 2 --lr 1e-3
+  python ia2.py --list-tasks"""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every error of ia2.py (argparse's prints the usage first)
+        raise IA2Error(f"{message} (--help lists the flags)")
+
+
 def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         if f.type is tuple:
             kw = dict(nargs="+", type=float if f.name in ("lr", "beta") else str)
         elif f.type is bool:
-            kw = dict(action=argparse.BooleanOptionalAction)
+            kw = dict(action="store_true")
         else:
             kw = dict(type=f.type)
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kw)
+        default = " ".join(map(str, f.default)) if f.type is tuple and f.default else f.default
+        shown = "" if default in (None, False) else f" (default: {default})"
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"] + shown,
+                       **kw)
     cfg = Config(**vars(p.parse_args(argv)))
     for f in dataclasses.fields(Config):  # each value against the condition written beside its field
         value = getattr(cfg, f.name)
@@ -1369,6 +1394,7 @@ def setup(cfg: Config) -> Setup:
         if name not in tasks:
             raise IA2Error(f"--data {d}: {name} is neither --task nor one of --eval-tasks")
         files[name] = path
+    check_model(cfg.model)
     check_hub(cfg, tasks, files)
     labels = {n: list(cfg.labels) if cfg.labels else TASKS[n]["labels"] for n in tasks}
     if any(len(labels[n] or []) != len(TASKS[n]["labels"] or []) for n in tasks):
@@ -1393,6 +1419,26 @@ def setup(cfg: Config) -> Setup:
     return Setup(cfg, tok, model, view[cfg.task], [view[n] for n in names])
 
 
+def check_model(name: str):
+    """--model is a folder with a model in it, or a Hub id (tried when the model loads): one line for a path
+    that is not there and for a folder that lacks a model, saying what it lacks."""
+    if os.path.isfile(name):
+        raise IA2Error(f"--model {name}: a file; a model is a folder (config, weights, tokenizer) or Hub id")
+    path_like = name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
+    if path_like and not os.path.isdir(name):
+        raise IA2Error(f"--model {name}: no such folder")
+    if not os.path.isdir(name):
+        return  # "org/name" or "name": a Hub id, or a folder that is not here (said if it fails to load)
+    files = set(os.listdir(name))
+    weights = any(f.endswith((".safetensors", ".bin")) for f in files)
+    tokenizer = files & {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
+    needs = (("config.json", "config.json" in files), ("weights (*.safetensors or *.bin)", weights),
+             ("tokenizer (tokenizer.json, tokenizer.model or vocab.json)", tokenizer))
+    missing = [what for what, found in needs if not found]
+    if missing:
+        raise IA2Error(f"--model {name}: the folder holds no model: no {', no '.join(missing)}")
+
+
 def check_hub(cfg: Config, tasks: list, files: dict):
     """Offline, fail in seconds, saying what to pass instead, if the model or a task's data needs the Hub."""
     import urllib.request
@@ -1407,7 +1453,7 @@ def check_hub(cfg: Config, tasks: list, files: dict):
     except urllib.error.HTTPError:
         return  # it answered
     except OSError:  # no route, no name, refused, timed out
-        need = [] if os.path.isdir(cfg.model) else ["--model FOLDER (a local copy of the model)"]
+        need = [] if os.path.isdir(cfg.model) else [f"--model FOLDER (a copy: {cfg.model} is no folder here)"]
         if missing:  # one task: --data FILE; several: --data TASK=FILE for each
             files = "FILE" if tasks == [cfg.task] else " ".join(f"{n}={files.get(n, 'FILE')}" for n in tasks)
             need.append("--data " + files)
@@ -1422,20 +1468,30 @@ def load_tokenizer(name: str):
     logging.disable_progress_bar()
     try:
         return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        hint = "" if os.path.isdir(name) else "; offline, pass a local copy: --model FOLDER"
-        raise IA2Error(f"cannot load model {name!r} ({str(e).splitlines()[0]}){hint}")
+    except Exception as e:  # the library's reason, whatever its kind
+        raise IA2Error(cannot_load(name, "tokenizer", e))
 
 
 def load_model(name: str, tok, device, dtype):
     from transformers import AutoModelForCausalLM
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as e:
-        raise IA2Error(f"cannot load model {name!r}: {str(e).splitlines()[0]}")
+    except Exception as e:
+        raise IA2Error(cannot_load(name, "model", e))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     return model
+
+
+def cannot_load(name: str, what: str, e: Exception) -> str:
+    """Why --model did not load: a folder whose model cannot be read, or a Hub id (offline: not in the Hugging
+    Face cache); the library's reason, its first line."""
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if os.path.isdir(name):
+        return f"--model {name}: cannot read its {what}: {reason}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "")
+    where = "the Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face Hub"
+    return f"--model {name}: no folder of that name here, and {where} gives no {what} of that id: {reason}"
 
 
 def label_tokens(tok, labels: list) -> list:
@@ -1459,20 +1515,44 @@ def check_tokenizer(tok, prompts: list):
 
 
 def evaluate(S: Setup, ev: Task, prompt_sets: list, slots=None, show=0, tag="") -> list:
-    """The metrics of each set of prompts (one per eval example of task ev), set j through adapter slots[j]
-    (None: the model as it is), all sets in shared batches. Generations: prints the first `show` of set 0."""
+    """Each set of prompts (one per eval example of task ev), set j through adapter slots[j] (None: the model
+    as it is), all sets in shared batches: per set, its metrics and each example's answer. Generations:
+    prints the first `show` of set 0."""
     seqs, n = [p for ps in prompt_sets for p in ps], len(ev.gold)
     rows = None if slots is None else [k for k in slots for _ in range(n)]
     if ev.labels:
         pred = predict_all(S.model, seqs, ev.label_ids, rows)
-        return [metrics([x[j * n:(j + 1) * n] for x in pred], ev.gold, S.tok, ev.labels)
-                for j in range(len(prompt_sets))]
+        sets = [[x[j * n:(j + 1) * n] for x in pred] for j in range(len(prompt_sets))]
+        return [(metrics(p, ev.gold, S.tok, ev.labels), label_answers(p, ev, S.tok)) for p in sets]
     texts = generate_all(S.model, S.tok, seqs, S.cfg.max_new_tokens or ev.spec["gen"], rows)
     pred, gold = [parse_answer(ev.name, t) for t in texts], [parse_answer(ev.name, y) for y in ev.gold]
     for i in range(show):
         print(f"[{tag}] example {i}: ...{texts[i][-160:]!r} -> {pred[i]!r} (gold {gold[i]!r})")
-    right = [p is not None and p == g for p, g in zip(pred, gold * len(prompt_sets))]
-    return [dict(accuracy=100 * float(np.mean(right[j * n:(j + 1) * n]))) for j in range(len(prompt_sets))]
+    answers = []
+    for i, (t, p) in enumerate(zip(texts, pred)):
+        g = gold[i % n]
+        answers.append(dict(index=i % n, gold=g, text=t, answer=p, correct=p is not None and p == g))
+    return [(dict(accuracy=100 * float(np.mean([a["correct"] for a in answers[j * n:(j + 1) * n]]))),
+             answers[j * n:(j + 1) * n]) for j in range(len(prompt_sets))]
+
+
+def label_answers(pred, ev: Task, tok) -> list:
+    """Each example's answer on a single-token task: the top-1 token, its probability and the confidence of
+    the paper's ECE (renormalised over the top 10), each label's probability, and whether it is right."""
+    top_p, top_id, label_p = pred
+    right = top1_label(top_id, tok, ev.labels) == ev.gold
+    six = lambda x: round(float(x), 6)  # noqa: E731
+    return [dict(index=i, gold=ev.labels[g], top1=tok.decode([int(top_id[i, 0])]), p_top1=six(top_p[i, 0]),
+                 confidence=six(top_p[i, 0] / top_p[i].sum()), correct=bool(right[i]),
+                 label_p={s: six(p) for s, p in zip(ev.labels, label_p[i])}) for i, g in enumerate(ev.gold)]
+
+
+def record(folder: str, rows: list, row: dict, answers: list):
+    """A result row, kept in rows, and its examples' answers, added to answers.jsonl (Ctrl-C keeps both)."""
+    rows.append(row)
+    keys = {k: row[k] for k in ("task", "method", "lr", "beta", "run")}
+    with open(os.path.join(folder, "answers.jsonl"), "a") as f:
+        f.writelines(json.dumps(dict(keys, **a), ensure_ascii=False) + "\n" for a in answers)
 
 
 def draw_runs(S: Setup) -> list:
@@ -1515,8 +1595,9 @@ def run_method(S: Setup, m: str, runs: list, folder: str, rows: list, start=None
                     icl_eval_prompts(S.tok, S.task.labels, run["rest"], ev.eval_set, cfg.n_train - 1,
                                      cfg.seed + run["r"]) for run in runs]
                 tag = f"{m}{' run 0' * (m == 'icl')} on {ev.name}"
-                for r, x in enumerate(evaluate(S, ev, sets, show=2, tag=tag)):
-                    rows.append(dict(task=ev.name, method=m, lr=None, beta=None, run=r, **x))
+                for r, (x, answers) in enumerate(evaluate(S, ev, sets, show=2, tag=tag)):
+                    row = dict(task=ev.name, method=m, lr=None, beta=None, run=r, **x)
+                    record(folder, rows, row, answers)
         return {}
     jobs = []
     for lr in cfg.lr:
@@ -1531,9 +1612,9 @@ def run_method(S: Setup, m: str, runs: list, folder: str, rows: list, start=None
         return states  # only the IA2 phase of ia2_then_sft(_icl)
     for ev in S.evals:
         sets, slots = [ev.queries] * len(jobs), list(range(len(jobs)))
-        for job, x in zip(jobs, evaluate(S, ev, sets, slots, 2, f"{tag(jobs[0])} on {ev.name}")):
-            rows.append(dict(task=ev.name, method=m, lr=job.lr, beta=job.beta, run=job.run, **x,
-                             dev_loss=job.best, steps=job.steps))
+        for job, (x, answers) in zip(jobs, evaluate(S, ev, sets, slots, 2, f"{tag(jobs[0])} on {ev.name}")):
+            record(folder, rows, dict(task=ev.name, method=m, lr=job.lr, beta=job.beta, run=job.run, **x,
+                                      dev_loss=job.best, steps=job.steps, capped=job.capped), answers)
             ece = f" | ece {x['ece']:.3f}" if "ece" in x else ""
             print(f"[{tag(job)}] {ev.name}: acc {x['accuracy']:.1f}{ece} | best dev {job.best:.4f} | "
                   f"{job.steps} steps")
@@ -1605,22 +1686,24 @@ def summarize(rows: list) -> dict:
             continue
         stat = {s: stats(runs) for s, runs in by.items()}
         best = max(by, key=lambda s: stat[s]["mean"]["accuracy"])
+        tie = sum(stat[s]["mean"]["accuracy"] == stat[best]["mean"]["accuracy"] for s in by) > 1
         dev_loss = {s: np.mean([x.get("dev_loss", 0) for x in by[s]]) for s in by if s[1] == best[1]}
         dev = min(dev_loss, key=dev_loss.get)
         dev_selected = dict(stat[dev], lr=dev[0])
-        out[m] = dict(stat[best], lr=best[0], beta=best[1], runs=by[best], dev_selected=dev_selected,
+        out[m] = dict(stat[best], lr=best[0], beta=best[1], tie=tie, runs=by[best], dev_selected=dev_selected,
                       settings={setting_name(*s): stat[s] for s in by})
     return out
 
 
 def stats(runs: list) -> dict:
-    """Mean and population std over runs of each metric; the mean share of each answer (predicted), and the
-    runs in which one answer was given to every example."""
+    """Mean and population std over runs of each metric; the mean share of each answer (predicted), the runs
+    in which one answer was given to every example, and those whose adapter stopped at the --epochs cap."""
     keys = [k for k in METRICS if k in runs[0]]
     return dict(mean={k: float(np.mean([x[k] for x in runs])) for k in keys},
                 std={k: float(np.std([x[k] for x in runs])) for k in keys},
                 predicted=np.mean([x.get("predicted", [0]) for x in runs], 0).tolist(),
-                one_answer_runs=sum(max(x.get("predicted", [0])) == 100 for x in runs))
+                one_answer_runs=sum(max(x.get("predicted", [0])) == 100 for x in runs),
+                capped_runs=sum(x.get("capped", False) for x in runs))
 
 
 def setting_name(lr, beta=None) -> str:
@@ -1655,7 +1738,8 @@ def table(results: dict, ev: Task) -> str:
             answers = "/".join(f"{p:.0f}" for p in r["predicted"])
             if r["one_answer_runs"]:
                 answers += f" **one answer in {r['one_answer_runs']}/{n} run{'s' * (n > 1)}**"
-        lines.append(f"| {m} | {setting_name(r['lr'], r['beta'])} | {mean_std(r, 'accuracy')} | "
+        tie = " (a tie)" * r["tie"]  # the first of the equals, as the official code takes it
+        lines.append(f"| {m} | {setting_name(r['lr'], r['beta'])}{tie} | {mean_std(r, 'accuracy')} | "
                      f"{mean_std(r, 'label_accuracy')} | {mean_std(r, 'ece', '{:.3f}')} | "
                      f"{mean_std(r, 'ece_equal_width', '{:.3f}')} | {' | '.join(dev)} | {answers} |")
     what = ("top-1 accuracy and label accuracy in %, ECE as a fraction" if ev.labels else
@@ -1663,6 +1747,20 @@ def table(results: dict, ev: Task) -> str:
     return "\n".join(lines) + (f"\n\n{what}; mean ± std over runs. lr (β): selected on the eval set by mean "
                                "accuracy, as the paper does; dev-selected: the lowest mean dev loss. "
                                "answers: how often the top-1 token is each label or another one.")
+
+
+def capped_notes(summary: dict, cfg: Config) -> list:
+    """A line for each method that gave one answer to every example in every run while every one of its
+    adapters stopped at the --epochs cap: it may have had too few optimizer steps to learn anything."""
+    notes, steps = [], cfg.epochs * math.ceil(cfg.n_train / cfg.batch_size)
+    for m, r in summary.get(cfg.task, {}).items():
+        n = len(r["runs"])
+        if m in TRAINED and r["one_answer_runs"] == n and r["capped_runs"] == n:
+            notes.append(f"{m}: every run gave one answer to every example, and every adapter stopped at the "
+                         f"--epochs {cfg.epochs} cap, {steps} optimizer step{'s' * (steps > 1)} "
+                         f"(N={cfg.n_train} in batches of {min(cfg.batch_size, cfg.n_train)}): "
+                         "raise --epochs (the paper: 50)")
+    return notes
 
 
 def mean_std(r: dict, k: str, f="{:.1f}") -> str:
@@ -1677,67 +1775,80 @@ def terminate(signum, frame):
     raise Terminated()
 
 
+def stop_name(e: KeyboardInterrupt) -> str:
+    return "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+
+
 def run_experiment(cfg: Config) -> list:
     """Every method x lr (x β) x run; writes <out>.partial, renamed to --out when done. Interrupted (Ctrl-C,
     SIGTERM), the .partial keeps what finished, and the same command resumes it. Returns the rows."""
     t0 = time.time()
     out = cfg.out or default_out(cfg)
     if os.path.exists(out):
-        raise IA2Error(f"--out {out}: exists; choose another")
+        raise IA2Error(f"--out {out}: a {'folder' if os.path.isdir(out) else 'file'} of that name exists; "
+                       "choose another")
     tmp = out + ".partial"
-    rows, finished = resumable(cfg, tmp)  # an interrupted run of this command: its rows and finished methods
+    rows, finished, spent = resumable(cfg, tmp)  # an interrupted run of this command: what it finished
     S, timing = setup(cfg), dict(load=time.time() - t0)
     methods = [m for m in METHODS if m in cfg.methods]
     if "ia2" not in methods and {"ia2_then_sft", "ia2_then_sft_icl"} & set(methods):
         methods.insert(methods.index(next(m for m in methods if "then" in m)), "ia2")  # their first phase
-    print_plan(S, methods)
-    if finished:
-        print(f"resuming {tmp}/: {', '.join(finished)} finished there (their rows and adapters are kept, not "
-              "redone)")
+    print_plan(S, methods, finished, tmp)
     write_config(S, tmp)
-    previous = signal.signal(signal.SIGTERM, terminate)
+    write_examples(S, tmp)
+
+    def times():  # seconds per phase, over every session of the run
+        now = dict(timing, total=time.time() - t0)
+        return {k: spent.get(k, 0) + now.get(k, 0) for k in {**spent, **now}}
     try:
         run_methods(S, methods, finished, tmp, rows, timing)
     except KeyboardInterrupt as e:
-        write_outputs(S, tmp, rows, dict(timing, total=time.time() - t0), interrupted=True)
-        what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
-        print(f"ia2.py: {what}; the adapters and results finished so far are in {tmp}/, and the same command "
-              "resumes it", file=sys.stderr)
+        write_outputs(S, tmp, rows, times(), interrupted=True)
+        print(f"ia2.py: {stop_name(e)}; the adapters and results finished so far are in {tmp}/, and the same "
+              "command resumes it", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
     except BaseException:
         if not finished:  # an error: no half-written output (a resumed run keeps what it had)
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    report = write_outputs(S, tmp, rows, dict(timing, total=time.time() - t0))
+    report = write_outputs(S, tmp, rows, times())
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     os.replace(tmp, out)
-    print(f"\n{report}\nwritten to {out}/ in {time.time() - t0:.0f} s")
+    session = f" ({time.time() - t0:.0f} s in this session)" if spent else ""
+    print(f"\n{report}\nwritten to {out}/ in {times()['total']:.0f} s{session}")
     return rows
 
 
-def print_plan(S: Setup, methods: list):
-    """What the run trains and evaluates, and the most optimizer steps an adapter can take."""
-    cfg, trained = S.cfg, [m for m in methods if m in TRAINED]
+def print_plan(S: Setup, methods: list, finished: list, folder: str):
+    """What the run trains and evaluates (resumed: what is left), and the most optimizer steps an adapter can
+    take."""
+    cfg, todo = S.cfg, [m for m in methods if m not in finished]
+    if finished:
+        print(f"resuming {folder}/: {', '.join(finished)} finished there (their rows, answers and adapters "
+              "are kept, not redone)")
+    trained, base = [m for m in todo if m in TRAINED], " and ".join(m for m in todo if m not in TRAINED)
     evals = ", ".join(f"{len(ev.gold)} {ev.name}" for ev in S.evals)
-    base = [m for m in methods if m not in TRAINED]
     if not trained:
-        return print(f"plan: {' and '.join(base)} of the base model, evaluated on {evals} examples")
+        return print(f"plan: {base or 'nothing left'}; evaluated on {evals} examples")
     n = cfg.runs * len(cfg.lr) * sum(len(cfg.beta) if m == "ia2_plus_sft" else 1 for m in trained)
-    betas = f", ia2_plus_sft x {len(cfg.beta)} β" * ("ia2_plus_sft" in methods)
+    betas = f", ia2_plus_sft x {len(cfg.beta)} β" * ("ia2_plus_sft" in trained)
+    runs, per_epoch = f"{cfg.runs} run{'s' * (cfg.runs > 1)}", math.ceil(cfg.n_train / cfg.batch_size)
+    steps, bs = f"{per_epoch} step{'s' * (per_epoch > 1)}", min(cfg.batch_size, cfg.n_train)
+    print(f"plan: {n} adapters ({', '.join(trained)} x {len(cfg.lr)} lr x {runs}{betas}), "
+          f"{adapter_kind(S, cfg)}; each at most {cfg.epochs} epochs of {steps} (N={cfg.n_train}, batch size "
+          f"{bs}): {cfg.epochs * per_epoch} optimizer steps, fewer if early stopping ends it; a method's "
+          f"adapters train together. Evaluated on {evals} examples" + f", like {base}" * bool(base))
+
+
+def adapter_kind(S: Setup, cfg: Config) -> str:
+    """'LoRA r=8 α=8 on q_proj,k_proj,o_proj, 2,816 trainable parameters each' (or (IA)³'s)."""
     targets = [m for name, m in S.model.named_modules() if name.rsplit(".", 1)[-1] in adapter_targets(cfg)]
     if cfg.adapter == "ia3":
         kind, size = "(IA)³", sum(m.in_features for m in targets)
     else:
         kind, size = f"LoRA r={cfg.rank} α={cfg.rank}", sum(cfg.rank * (m.in_features + m.out_features)
                                                          for m in targets)
-    per_epoch = math.ceil(cfg.n_train / cfg.batch_size)
-    print(f"plan: {n} adapters, {kind} on {','.join(adapter_targets(cfg))}, {size:,} trainable parameters each "
-          f"({', '.join(trained)} x {len(cfg.lr)} lr x {cfg.runs} run{'s' * (cfg.runs > 1)}{betas}); each at "
-          f"most {cfg.epochs} epochs of {per_epoch} step{'s' * (per_epoch > 1)} (N={cfg.n_train}, batch size "
-          f"{min(cfg.batch_size, cfg.n_train)}): {cfg.epochs * per_epoch} optimizer steps; a method's adapters "
-          f"train together. Evaluated on {evals} examples" + f", as {' and '.join(base)} are" * bool(base))
+    return f"{kind} on {','.join(adapter_targets(cfg))}, {size:,} trainable parameters each"
 
 
 def run_methods(S: Setup, methods: list, finished: list, folder: str, rows: list, timing: dict):
@@ -1789,10 +1900,11 @@ def read_json(path: str):
 
 
 def resumable(cfg: Config, tmp: str) -> tuple:
-    """The rows of an interrupted run in tmp and the methods it finished (every row and every adapter there);
-    ([], []) if there is none. A .partial of another command is refused, and left as it is."""
+    """The rows of an interrupted run in tmp, the methods it finished (every row and every adapter there) and
+    the seconds it spent; ([], [], {}) if there is none. A .partial of another command is refused, and left as
+    it is; in one of this command, the answers of the methods not finished are dropped."""
     if not os.path.exists(tmp):
-        return [], []
+        return [], [], {}
     cfg_dict, saved = as_json(dataclasses.asdict(cfg)), saved_config(tmp)
     if saved != cfg_dict:
         differ = sorted(k for k in cfg_dict if saved is None or saved.get(k) != cfg_dict[k])
@@ -1800,7 +1912,7 @@ def resumable(cfg: Config, tmp: str) -> tuple:
         raise IA2Error(f"{tmp}/ holds an interrupted run of another command (it differs in {flags}): run "
                        "that command to resume it, or move the folder away")
     path = os.path.join(tmp, "results.json")
-    rows = read_json(path)["rows"] if os.path.isfile(path) else []
+    results = read_json(path) if os.path.isfile(path) else dict(rows=[], timing_s={})
     n_tasks, grid = len(dict.fromkeys(cfg.eval_tasks or [cfg.task])), len(cfg.lr) * cfg.runs
     expected = dict(zero_shot=1, icl=cfg.runs, ia2_plus_sft=grid * len(cfg.beta))
 
@@ -1808,10 +1920,17 @@ def resumable(cfg: Config, tmp: str) -> tuple:
         betas = cfg.beta if m == "ia2_plus_sft" else [None]
         return all(os.path.isfile(os.path.join(adapter_dir(tmp, m, lr, b, r), "adapter_model.safetensors"))
                    for lr, b, r in itertools.product(cfg.lr, betas, range(cfg.runs)))
+    rows = results["rows"]
     finished = [m for m in METHODS if m in cfg.methods
                 and sum(x["method"] == m for x in rows) == n_tasks * expected.get(m, grid)
                 and (m not in TRAINED or saved_adapters(m))]
-    return [x for x in rows if x["method"] in finished], finished
+    path = os.path.join(tmp, "answers.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["method"] in finished]
+        with open(path, "w") as f:
+            f.writelines(kept)
+    return [x for x in rows if x["method"] in finished], finished, results["timing_s"]
 
 
 def write_config(S: Setup, folder: str):
@@ -1836,7 +1955,10 @@ def write_outputs(S: Setup, folder: str, rows: list, timing: dict, interrupted=F
     for ev in S.evals:
         ood = "" if ev.name == S.cfg.task else f" (OOD, ICL demos from {S.cfg.task})"
         report += f"## {S.cfg.task} -> {ev.name}{ood}\n\n{table(summary[ev.name], ev)}\n\n"
+    report += "".join(f"**Note** {line}.\n\n" for line in capped_notes(summary, S.cfg))
     write_config(S, folder)
+    if not interrupted:
+        mark_selected(folder, summary)
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(dict(summary=summary, rows=rows, timing_s=timing, interrupted=interrupted,
                        majority={ev.name: majority(ev.labels, ev.gold) if ev.labels else None
@@ -1849,7 +1971,36 @@ def write_outputs(S: Setup, folder: str, rows: list, timing: dict, interrupted=F
     return report
 
 
+def mark_selected(folder: str, summary: dict):
+    """answers.jsonl: each line gets selected, true for the setting the tables report (the eval-selected lr,
+    β), false for the other settings of the grid."""
+    path, chosen = os.path.join(folder, "answers.jsonl"), set()
+    if not os.path.isfile(path):
+        return
+    for task, methods in summary.items():
+        chosen |= {(task, m, r["lr"], r["beta"]) for m, r in methods.items()}
+    with open(path) as f:
+        answers = [json.loads(line) for line in f]
+    with open(path, "w") as f:
+        for a in answers:
+            a["selected"] = (a["task"], a["method"], a["lr"], a["beta"]) in chosen
+            f.write(json.dumps(a, ensure_ascii=False) + "\n")
+
+
+def write_examples(S: Setup, folder: str):
+    """eval_examples.jsonl: the task, index, prompt text and gold answer of every eval example, as the
+    lines of answers.jsonl name them (task, index)."""
+    with open(os.path.join(folder, "eval_examples.jsonl"), "w") as f:
+        for ev in S.evals:
+            for i, (x, y) in enumerate(ev.eval_set):
+                gold = answer_text(ev.labels, y)
+                f.write(json.dumps(dict(task=ev.name, index=i, text=x, gold=gold), ensure_ascii=False) + "\n")
+
+
 def main(argv=None):
+    """The command line: every failure one line on stderr, exit 2; Ctrl-C exit 130, SIGTERM 143."""
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt,
+    sigterm = signal.signal(signal.SIGTERM, terminate)  # SIGTERM Terminated, a KeyboardInterrupt
     try:
         cfg = parse_args(argv)
         if cfg.list_tasks:
@@ -1858,6 +2009,12 @@ def main(argv=None):
     except IA2Error as e:
         print(f"ia2.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # before the run began: run_experiment says what was kept after that
+        print(f"ia2.py: {stop_name(e)} before the run began; nothing was written", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 if __name__ == "__main__":

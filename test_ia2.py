@@ -8,8 +8,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -975,7 +977,7 @@ OFFICIAL_POOL = [(f"Text:{w}\nLabel:", i % 2) for i, w in enumerate(
     "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split())]
 
 
-def test_a_run_s_prompts_are_the_official_ones_written_out(tiny, monkeypatch):
+def test_a_run_s_prompts_are_the_official_ones_written_out(tiny, monkeypatch, tmp_path):
     """Run 1's training, dev and ICL-evaluation prompts, as the experiment builds them (draw_runs; run_method
     for icl), against the prompts written out above from the official code's rule: which demos, how many,
     in which order."""
@@ -989,8 +991,8 @@ def test_a_run_s_prompts_are_the_official_ones_written_out(tiny, monkeypatch):
     assert [S.tok.decode(it["icl"]) for it in runs[1]["dev"]] == OFFICIAL_PROMPTS["dev"]
     assert [S.tok.decode(it["x"]) for it in runs[1]["train"]] == [p.rsplit("\n\n", 1)[1] for p in OFFICIAL_PROMPTS["train"]]
     seen = []
-    monkeypatch.setattr(ia2, "evaluate", lambda S, ev, sets, *a, **k: seen.append(sets) or [dict(accuracy=0.0)] * len(sets))
-    ia2.run_method(S, "icl", runs, "unused", [])
+    monkeypatch.setattr(ia2, "evaluate", lambda S, ev, sets, *a, **k: seen.append(sets) or [(dict(accuracy=0.0), [])] * len(sets))
+    ia2.run_method(S, "icl", runs, str(tmp_path), [])
     assert [S.tok.decode(p) for p in seen[0][1]] == OFFICIAL_PROMPTS["icl"]  # run 1's set
 
 
@@ -1065,9 +1067,35 @@ def test_cli_end_to_end_and_reproducible(tiny, capsys):
         assert os.path.exists(os.path.join(ia2.adapter_dir(str(out), m, 1e-2, beta, 1), "adapter_model.safetensors"))
     assert "| ia2_then_sft |" in (out / "results.md").read_text() and "| ia2_then_sft |" in p.stdout
     assert json.loads((out / "config.json").read_text())["config"]["n_train"] == 4
+    check_answers(out, "sst2", 12)
     p2 = in_process(tiny, capsys, *args, out="out2")  # the same command again gives the same numbers on CPU
     assert p2.returncode == 0, p2.stderr
     assert json.loads((tiny["root"] / "out2" / "results.json").read_text())["summary"]["sst2"] == res
+
+
+def check_answers(folder, task: str, n: int):
+    """answers.jsonl holds every example of every row; the lines of a row give back its accuracy (and on a
+    single-token task its ECE, from the saved confidences), and `selected` marks the setting the tables show;
+    eval_examples.jsonl has each eval example once (task has n)."""
+    res = json.loads((folder / "results.json").read_text())
+    examples = [json.loads(line) for line in (folder / "eval_examples.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in examples if e["task"] == task] == list(range(n))
+    size = collections.Counter(e["task"] for e in examples)
+    lines = [json.loads(line) for line in (folder / "answers.jsonl").read_text().splitlines()]
+    by_row = collections.defaultdict(list)
+    for a in lines:
+        by_row[a["task"], a["method"], a["lr"], a["beta"], a["run"]].append(a)
+    assert len(lines) == sum(size[x["task"]] for x in res["rows"]) and len(by_row) == len(res["rows"])
+    for x in res["rows"]:
+        answers = by_row[x["task"], x["method"], x["lr"], x["beta"], x["run"]]
+        assert [a["index"] for a in answers] == list(range(size[x["task"]]))
+        assert 100 * np.mean([a["correct"] for a in answers]) == pytest.approx(x["accuracy"])
+        if "ece" in x:
+            conf, right = np.array([a["confidence"] for a in answers]), np.array([a["correct"] for a in answers])
+            assert ia2.ece(conf, right.astype(float)) == pytest.approx(x["ece"], abs=1e-5)  # confidences: 6 digits
+        selected = res["summary"][x["task"]][x["method"]]
+        assert all(a["selected"] == (x["lr"] == selected["lr"] and x["beta"] == selected["beta"]) for a in answers)
+    return lines
 
 
 def test_multi_token_accuracy_is_exact_match_of_the_parsed_answers(monkeypatch):
@@ -1079,7 +1107,10 @@ def test_multi_token_accuracy_is_exact_match_of_the_parsed_answers(monkeypatch):
     monkeypatch.setattr(ia2, "generate_all", lambda model, tok, seqs, max_new, slots=None: texts[:len(seqs)])
     ev = ia2.Task("gsm8k", ia2.TASKS["gsm8k"], None, None, [], [("q", g) for g in gold], [[1]] * 4, gold)
     S = ia2.Setup(ia2.Config(task="gsm8k"), None, None, ev, [ev])
-    assert ia2.evaluate(S, ev, [[[1]] * 4, [[1]] * 4]) == [dict(accuracy=50.0), dict(accuracy=25.0)]
+    (x0, answers0), (x1, answers1) = ia2.evaluate(S, ev, [[[1]] * 4, [[1]] * 4])
+    assert x0 == dict(accuracy=50.0) and x1 == dict(accuracy=25.0)
+    assert answers0[2] == dict(index=2, gold="1", text="no number here", answer=None, correct=False)
+    assert [a["correct"] for a in answers1] == [True, False, False, False] and answers1[3]["index"] == 3
 
 
 def write_jsonl(path, rows):
@@ -1107,6 +1138,14 @@ def test_cli_multi_token_and_ood(tiny):
     assert "teacher: 6 tokens per rollout" in p.stdout  # no EOS from a random model: T' = T
     assert "zero_shot on gsm8ks] example 1:" in p.stdout and "(gold '" in p.stdout
     assert "## gsm8k -> gsm8ks (OOD, ICL demos from gsm8k)" in p.stdout
+    answers = check_answers(tiny["root"] / "gsm-out", "gsm8k", 4)
+    assert set(answers[0]) == {"task", "method", "lr", "beta", "run", "index", "gold", "text", "answer", "correct",
+                               "selected"}
+    examples = {(e["task"], e["index"]): e for e in map(json.loads, (tiny["root"] / "gsm-out" / "eval_examples.jsonl")
+                                                         .read_text().splitlines())}
+    for a in answers:  # the gold of the example at that index, and the generation, both parsed
+        assert a["gold"] == ia2.parse_answer(a["task"], examples[a["task"], a["index"]]["gold"])
+        assert a["answer"] == ia2.parse_answer(a["task"], a["text"])
     p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(tiny["root"] / "gsm-out")],
                        capture_output=True, text=True)  # a multi-token run: the comparison over runs alone
     assert p.returncode == 0, p.stderr
@@ -1231,7 +1270,12 @@ def test_saved_adapter_loads_in_peft(tiny, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--task", "nope"], "--task nope: must be a task with training data"),
     (["--methods", "sft", "magic"], "--methods magic: must be zero_shot, icl, sft, sft_icl,"),
-    (["--model", "/no/such/model"], "cannot load model"),
+    (["--model", "/no/such/model"], "--model /no/such/model: no such folder"),
+    (["--eval-size", "0"], "--eval-size 0: must be >= 1"),
+    (["--lr", "-0.001"], "--lr -0.001: must be > 0"),
+    (["--lr", "-1e-3"], "argument --lr: expected at least one argument (--help lists the flags)"),  # "-1e-3": a flag?
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag (--help lists the flags)"),
+    (["--out", "AFILE"], "a file of that name exists; choose another"),
     (["--data", "/no/such.csv"], "--data /no/such.csv: no such file"),
     (["--data", "BADCOLS"], "BADCOLS.csv needs columns 'text', 'label', found 'sentence', 'y'"),
     (["--data", "BADLABEL"], "row 2: label 'pos' is neither a label string"),
@@ -1255,6 +1299,9 @@ def test_bad_input_one_line_and_nothing_written(tiny, capsys, args, message):
         args = ["--data", str(bad)]
     if "BADANSWER" in args:
         args[-1] = write_jsonl(tiny["root"] / "bad.jsonl", [dict(question="q", answer=5)] * 4)
+    if "AFILE" in args:
+        (tiny["root"] / "afile").write_text("not a run")
+        args = ["--out", str(tiny["root"] / "afile")]
     out = tiny["root"] / "bad-out"
     with pytest.raises(SystemExit) as e:
         ia2.main(["--model", tiny["model"], "--data", tiny["data"], "--eval-size", "20", "--out", str(out), *args])
@@ -1345,10 +1392,15 @@ def test_each_eval_task_selects_its_own_setting(model, tmp_path):
             for (task, lr), accs in acc.items() for r, a in enumerate(accs)]
     task = lambda name: ia2.Task(name, ia2.TASKS[name], ["0", "1"], [5, 6], [], [], [], np.array([0, 1, 1]))
     S = ia2.Setup(ia2.Config(), tok, m, task("sst2"), [task("sst2"), task("finsen")])
+    for x in rows:  # each row's answers, one line an example, as run_method records them
+        ia2.record(str(tmp_path), [], x, [dict(index=i, correct=True) for i in range(3)])
     ia2.write_outputs(S, str(tmp_path), rows, {})
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
     assert summary["sst2"]["sft"]["lr"] == 1e-3 and summary["finsen"]["sft"]["lr"] == 1e-4
     assert summary["finsen"]["sft"]["mean"]["accuracy"] == 60
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 3 * len(rows)  # answers.jsonl marks the lines of each task's selected setting
+    assert {(a["task"], a["lr"]) for a in answers if a["selected"]} == {("sst2", 1e-3), ("finsen", 1e-4)}
 
 
 def test_tables_show_the_majority_class_and_what_each_method_answers(tiny):
@@ -1396,9 +1448,10 @@ def test_plan_estimate_epochs_cap_and_flag_messages(tiny, capsys):
     p = in_process(tiny, capsys, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--epochs", "1", "--lr", "1e-3",
             "--methods", "zero_shot", "sft", "ia2", out="plan")
     assert p.returncode == 0, p.stderr
-    assert ("plan: 4 adapters, LoRA r=8 α=8 on q_proj,k_proj,o_proj, 2,816 trainable parameters each (sft, ia2 x "
-            "1 lr x 2 runs); each at most 1 epochs of 1 step (N=4, batch size 4): 1 optimizer steps; a method's "
-            "adapters train together. Evaluated on 10 sst2 examples, as zero_shot are") in p.stdout
+    assert ("plan: 4 adapters (sft, ia2 x 1 lr x 2 runs), LoRA r=8 α=8 on q_proj,k_proj,o_proj, 2,816 trainable "
+            "parameters each; each at most 1 epochs of 1 step (N=4, batch size 4): 1 optimizer steps, fewer if "
+            "early stopping ends it; a method's adapters train together. Evaluated on 10 sst2 examples, like "
+            "zero_shot") in p.stdout
     assert p.stdout.index("plan:") < p.stdout.index("[sft lr=0.001 run 0] ep 0")
     assert p.stdout.count("estimate: sft took") == 1
     assert "[sft lr=0.001 run 0] note: stopped by the --epochs 1 cap, not by early stopping" in p.stdout
@@ -1416,8 +1469,8 @@ def test_plan_estimate_epochs_cap_and_flag_messages(tiny, capsys):
 
 def test_data_errors_come_before_the_model_loads(tiny):
     bad = write_rows(tiny["root"] / "early.csv", ["text", "label"], [("good", 1), ("bad", 7)])
-    p = subprocess.run([sys.executable, os.path.join(HERE, "ia2.py"), "--model", str(tiny["root"] / "no-model"),
-                        "--data", bad, "--out", str(tiny["root"] / "never")], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ia2.py"), "--model", "nobody/no-model", "--data", bad,
+                        "--out", str(tiny["root"] / "never")], capture_output=True, text=True)  # (offline: no Hub)
     assert p.returncode == 2 and "row 2: label '7' is neither" in our_line(p.stderr) and "model" not in p.stderr
 
 
@@ -1430,13 +1483,37 @@ def test_offline_fails_fast_with_what_to_pass_instead(tiny):
     p = run(env, "--model", "nobody/no-such-model")  # (timeout=60: minutes of retries would fail it)
     line = our_line(p.stderr)
     assert p.returncode == 2, p.stderr
-    assert "Hub cannot be reached: pass --model FOLDER" in line and "--data FILE" in line and "HF_HUB_OFFLINE=1" in line
+    assert "Hub cannot be reached: pass --model FOLDER (a copy: nobody/no-such-model is no folder here)" in line
+    assert "--data FILE" in line and "HF_HUB_OFFLINE=1" in line
     p = run(env, "--model", tiny["model"], "--data", f"sst2={tiny['data']}", "--eval-tasks", "sst2", "poems")
     assert p.returncode == 2 and f"pass --data sst2={tiny['data']} poems=FILE," in our_line(p.stderr)
     p = run(dict(env, HF_HUB_OFFLINE="1"), "--model", "nobody/no-such-model", "--data", tiny["data"])
     line = our_line(p.stderr)
     assert p.returncode == 2, p.stderr
-    assert "cannot load model 'nobody/no-such-model'" in line and "--model FOLDER" in line
+    assert line.startswith("ia2.py: error: --model nobody/no-such-model: no folder of that name here, and the "
+                           "Hugging Face cache (HF_HUB_OFFLINE is set) gives no tokenizer of that id: ")
+
+
+def test_a_model_that_does_not_load_says_why_in_one_line(tiny, capsys):
+    """The four ways: a path that is not there, a folder without a model (what it lacks), a Hub id that cannot
+    be had (offline here; unreachable: the test above), and a model that cannot be read (the library's reason).
+    Each before the data is trained on, exit 2, nothing written."""
+    import shutil
+    broken = tiny["root"] / "broken-model"
+    shutil.copytree(tiny["model"], broken, dirs_exist_ok=True)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    half = tiny["root"] / "half-model"
+    half.mkdir(exist_ok=True)
+    (half / "config.json").write_text("{}")
+    for model, message in ((str(tiny["root"] / "no-such-folder"), "no such folder"),
+                           (str(half), "the folder holds no model: no weights (*.safetensors or *.bin), no "
+                                       "tokenizer (tokenizer.json, tokenizer.model or vocab.json)"),
+                           ("nobody/nothing", "no folder of that name here, and the Hugging Face cache "
+                                              "(HF_HUB_OFFLINE is set) gives no tokenizer of that id: "),
+                           (str(broken), "cannot read its model: ")):
+        p = in_process(tiny, capsys, "--model", model, "--eval-size", "20", out="never")  # (overrides --model)
+        assert p.returncode == 2 and our_line(p.stderr).startswith(f"ia2.py: error: --model {model}: {message}")
+        assert not (tiny["root"] / "never.partial").exists()
 
 
 def test_the_hub_probe_waits_3_seconds_and_nothing_else_runs(tiny, monkeypatch):
@@ -1525,6 +1602,31 @@ def test_the_same_command_resumes_an_interrupted_run_and_ends_as_an_uninterrupte
     assert rows("resumed") == rows("whole") and len(rows("whole")) == 5
 
 
+def test_two_interruptions_then_a_finish_equal_an_uninterrupted_run(tiny, capsys):
+    """Stopped after sft's 2 adapters (Ctrl-C), then, resumed, after ia2_then_sft's first (SIGTERM): the third
+    session finishes, and its rows and answers are those of a run never interrupted; its times add up the
+    sessions'."""
+    args = ("--methods", "zero_shot", "sft", "ia2_then_sft", "--epochs", "2")
+    common = ("--n-train", "4", "--runs", "2", "--eval-size", "10", "--lr", "1e-3")
+    whole = in_process(tiny, capsys, *common, *args, out="whole2")
+    assert whole.returncode == 0, whole.stderr
+    out = tiny["root"] / "twice"
+    assert signalled_run(tiny, out, "SIGINT", 2, *args).returncode == 130
+    p = signalled_run(tiny, out, "SIGTERM", 1, *args)
+    assert p.returncode == 143 and "resuming" in p.stdout and "zero_shot, sft finished there" in p.stdout
+    partial = json.loads((tiny["root"] / "twice.partial" / "results.json").read_text())
+    assert {x["method"] for x in partial["rows"]} == {"zero_shot", "sft", "ia2_then_sft"}  # its 1st row kept
+    p = in_process(tiny, capsys, *common, *args, out="twice")
+    assert p.returncode == 0 and "plan: 4 adapters (ia2, ia2_then_sft x 1 lr x 2 runs)" in p.stdout, p.stdout
+    def rows(folder):
+        res = json.loads((tiny["root"] / folder / "results.json").read_text())
+        return res, sorted((x["method"], x["run"], x["accuracy"], x["ece"], x.get("dev_loss")) for x in res["rows"])
+    assert rows("twice")[1] == rows("whole2")[1] and len(rows("whole2")[1]) == 5
+    assert rows("twice")[0]["timing_s"]["total"] > partial["timing_s"]["total"] > 0  # the sessions' times added
+    answers = lambda folder: sorted((tiny["root"] / folder / "answers.jsonl").read_text().splitlines())
+    assert answers("twice") == answers("whole2") and len(answers("whole2")) == 5 * 10
+
+
 def test_without_out_a_run_resumes_the_interrupted_run_of_the_same_command(tiny, monkeypatch):
     monkeypatch.chdir(tiny["root"])
     cfg = ia2.parse_args(["--model", tiny["model"], "--data", tiny["data"], "--runs", "2"])
@@ -1535,6 +1637,37 @@ def test_without_out_a_run_resumes_the_interrupted_run_of_the_same_command(tiny,
     assert ia2.default_out(cfg) == name
     other = ia2.parse_args(["--model", tiny["model"], "--data", tiny["data"], "--runs", "3"])
     assert ia2.default_out(other).startswith("runs/sst2-model-n4-") and ia2.default_out(other) != name
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="watches the child's memory map in /proc")
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_while_the_libraries_load_gives_one_line(tiny, name, code):
+    """From the first import on: Ctrl-C or SIGTERM sent while the child imports torch (its library just mapped)
+    ends the command with one line and exit 130 or 143, and writes nothing."""
+    out = tiny["root"] / f"import-{name}"
+    child = subprocess.Popen([sys.executable, os.path.join(HERE, "ia2.py"), "--model", tiny["model"], "--data",
+                              tiny["data"], "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and "libtorch" not in open(f"/proc/{child.pid}/maps").read():
+        time.sleep(0.002)
+    child.send_signal(getattr(signal, name))
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == code, err
+    assert re.fullmatch(r"ia2.py: (stopped|interrupted|stopped by SIGTERM) before the run began; nothing was "
+                        r"written", our_line(err))
+    assert not os.path.exists(f"{out}.partial") and not out.exists()
+
+
+@pytest.mark.parametrize("stop, code", [(KeyboardInterrupt, 130), (ia2.Terminated, 143)])
+def test_a_signal_while_the_model_loads_gives_one_line(tiny, capsys, monkeypatch, stop, code):
+    def load_model(*args):
+        raise stop()  # what Ctrl-C (SIGINT) or SIGTERM raise under ia2.main's handlers
+    monkeypatch.setattr(ia2, "load_model", load_model)
+    p = in_process(tiny, capsys, "--eval-size", "20", out="loading")
+    assert p.returncode == code and our_line(p.stderr) == (
+        f"ia2.py: {'interrupted' if code == 130 else 'stopped by SIGTERM'} before the run began; nothing was written")
+    assert not (tiny["root"] / "loading.partial").exists()
 
 
 def test_ctrl_c_while_adapters_are_saved_keeps_the_method_s_results(tiny, monkeypatch):
@@ -1660,7 +1793,8 @@ def test_every_method_and_eval_py_on_an_ia3_run(tiny, capsys):
             "--methods", *ia2.METHODS, out="ia3-run")
     assert p.returncode == 0, p.stderr
     folder = tiny["root"] / "ia3-run"
-    assert "plan: 30 adapters, (IA)³ on q_proj,k_proj,o_proj, 192 trainable parameters each" in p.stdout
+    assert "ia2_plus_sft x 4 β), (IA)³ on q_proj,k_proj,o_proj, 192 trainable parameters each;" in p.stdout
+    assert p.stdout.startswith("plan: 30 adapters")
     res = json.loads((folder / "results.json").read_text())
     assert {x["method"] for x in res["rows"]} == set(ia2.METHODS)
     assert {x["lr"] for x in res["rows"] if x["lr"]} == {1e-1, 1e-2, 1e-3}
