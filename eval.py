@@ -124,15 +124,17 @@ def reliability_panel(ax, conf: np.ndarray, correct: np.ndarray, color: str, tit
 def load_folder(folder: str):
     """config.json and results.json of a finished run; `analysable`: a single-token run evaluated on its
     own --task, the kind whose activations, calibration and adapters eval.py measures."""
+    if folder.rstrip("/").endswith(".partial"):
+        raise ia2.IA2Error(f"{folder} is an interrupted run: the same ia2.py command finishes it, then analyse "
+                           "the finished folder")
     for f in ("config.json", "results.json"):
         if not os.path.isfile(os.path.join(folder, f)):
             raise ia2.IA2Error(f"{folder} is not a finished ia2.py run folder (no {f})")
-    with open(os.path.join(folder, "config.json")) as f:
-        meta = json.load(f)
-    with open(os.path.join(folder, "results.json")) as f:
-        results = json.load(f)
-    if "summary" not in results:
-        raise ia2.IA2Error(f"{folder}: written by an older ia2.py (no summary in results.json); run it again")
+    meta, results = ia2.read_json(os.path.join(folder, "config.json")), ia2.read_json(os.path.join(folder,
+                                                                                                   "results.json"))
+    if "summary" not in results or results.get("interrupted"):
+        raise ia2.IA2Error(f"{folder}: not a finished run of this ia2.py (results.json is "
+                           f"{'interrupted' if results.get('interrupted') else 'older'}); run its command again")
     return meta, results, meta["labels"] is not None and meta["config"]["task"] in results["summary"]
 
 
@@ -186,6 +188,41 @@ def comparison(results: dict) -> str:
                                "sign-flip p (two-sided; its floor is 2/2^runs).\n")
 
 
+def disagreements(folder: str, shown: int = 3) -> str:
+    """From answers.jsonl: per eval task, the examples that IA2→SFT and SFT (each at its selected setting)
+    answer differently, run by run: how many each gets right that the other gets wrong, and the first few."""
+    path = os.path.join(folder, "answers.jsonl")
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        answers = [a for a in map(json.loads, f) if a["selected"] and a["method"] in ("sft", "ia2_then_sft")]
+    with open(os.path.join(folder, "eval_examples.jsonl")) as f:
+        text = {(e["task"], e["index"]): e["text"] for e in map(json.loads, f)}
+    by = {(a["task"], a["method"], a["run"], a["index"]): a for a in answers}
+    pairs = [(by[t, "ia2_then_sft", r, i], a) for (t, m, r, i), a in by.items() if m == "sft"
+             and (t, "ia2_then_sft", r, i) in by]
+    if not pairs:
+        return ""
+    lines = ["\n## Where IA2→SFT and SFT disagree (answers.jsonl)\n",
+             "| eval task | examples x runs | both right | only IA2→SFT right | only SFT right | both wrong |",
+             "|---|---|---|---|---|---|"]
+    for task in dict.fromkeys(a["task"] for a, _ in pairs):
+        ours = [(a["correct"], b["correct"]) for a, b in pairs if a["task"] == task]
+        cells = [sum(x == want for x in ours) for want in ((1, 1), (1, 0), (0, 1), (0, 0))]
+        lines.append(f"| {task} | {len(ours)} | " + " | ".join(map(str, cells)) + " |")
+    said = lambda a: f"{a['top1']!r} ({a['p_top1']:.2f})" if "top1" in a else repr(a["answer"])
+    lines += ["", f"The first {shown} of each kind (run 0):\n", "| eval task | example | gold | IA2→SFT | SFT |",
+              "|---|---|---|---|---|"]
+    for right in (True, False):
+        first = [(a, b) for a, b in pairs if a["run"] == 0 and a["correct"] == right and b["correct"] != right]
+        for a, b in first[:shown]:
+            query = text[a["task"], a["index"]].replace("\n", " ").replace("|", "/")
+            query = query if len(query) <= 90 else query[:87] + "..."
+            lines.append(f"| {a['task']} | {a['index']}: {query} | {a['gold']!r} | {said(a)} | {said(b)} |")
+    return "\n".join(lines) + ("\n\nEach method's answer at its selected setting; single-token tasks: the top-1 token "
+                               "and its probability.\n")
+
+
 def analyse(folder: str, device: str, n_asim: int) -> dict:
     """Everything measured on one run folder, as a JSON-able dict (saved as analysis.json)."""
     meta, all_results, _ = load_folder(folder)
@@ -215,26 +252,30 @@ def analyse(folder: str, device: str, n_asim: int) -> dict:
         entry["max_p"] += pred[0][:, 0].tolist()
         entry["correct"] += correct.tolist()
 
+    name = os.path.basename(folder.rstrip("/"))
+    print(f"[{name}] {cfg.model} loaded; the base model on {len(T.queries)} eval examples", flush=True)
     with ia2.without_adapters(model):
         zero_pred = evaluate(T.queries) if "zero_shot" in results else None
         zero_acts = activations(model, T.queries[:k])
     if zero_pred is not None:
         record("zero_shot", 0, zero_pred)
+    trained = [m for m in ia2.TRAINED if m in results]
     for r in range(cfg.runs):
         s = cfg.seed + r
         _, _, rest, _ = ia2.few_shot_split(T.pool, cfg.n_train, s)
         icl = ia2.icl_eval_prompts(tok, T.labels, rest, T.eval_set, cfg.n_train - 1, s)
+        print(f"[{name} run {r}] ICL (the base model with N-1 demos), then the adapters of {', '.join(trained)}",
+              flush=True)
         with ia2.without_adapters(model):
             teach = activations(model, icl[:k])  # the teacher: the base model with N-1 demos
             if "icl" in results:
                 record("icl", r, evaluate(icl))
         out.setdefault("zero_shot_asim_runs", []).append(asim(zero_acts, teach).mean(0).tolist())
-        for m in [m for m in ia2.TRAINED if m in results]:
+        for m in trained:
             ia2.load_adapter_state(model, ia2.read_adapter(adapter_folder(folder, results, m, r)))
             record(m, r, evaluate(T.queries), activations(model, T.queries[:k]), teach)
-            print(f"[{os.path.basename(folder)} run {r}] {m}: acc {out['methods'][m]['runs'][-1]['accuracy']:.1f}"
-                  f" asim {out['methods'][m]['runs'][-1]['asim']:.3f}")
-    trained = [m for m in ia2.TRAINED if m in results]
+            print(f"[{name} run {r}] {m}: acc {out['methods'][m]['runs'][-1]['accuracy']:.1f}"
+                  f" asim {out['methods'][m]['runs'][-1]['asim']:.3f}", flush=True)
     out["adapter"], out["overlap"] = cfg.adapter, None  # (IA)³ has no low-rank subspace to compare: LoRA only
     if cfg.adapter == "lora":
         out["overlap"] = {a: {b: float(np.mean([adapter_overlap(adapter_folder(folder, results, a, r),
@@ -271,7 +312,7 @@ def plot_asim(a: dict, path: str):
         ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=COLORS[m], alpha=0.15)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set(xlabel="decoder layer", ylabel="cosine similarity with ICL activations",
-           title=f"asim per layer: {title(a)}\n{a['asim_examples']} eval examples, mean ± std over {a['runs']} runs")
+           title=f"asim per layer: {title(a)}\n{a['asim_examples']} eval examples, mean ± std over {plural(a['runs'], 'run')}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -329,6 +370,10 @@ def methods(a: dict) -> list:
     return [(m, a["methods"][m]) for m in ia2.METHODS if m in a["methods"]]
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
 def title(a: dict, with_n=True) -> str:
     t = f"{os.path.basename(a['model'].rstrip('/'))}, {a['task']}{' (local data)' if a['data'] else ''}"
     return t + (f", N={a['n_train']}" if with_n else "")
@@ -343,7 +388,7 @@ def pm(v, fmt="{:.1f}"):
 
 
 def report(a: dict) -> str:
-    lines = [f"# Analysis: {title(a)}, {a['runs']} runs\n",
+    lines = [f"# Analysis: {title(a)}, {plural(a['runs'], 'run')}\n",
              "Re-evaluated from the saved adapters (lr as selected by ia2.py); largest difference from "
              f"results.json in mean accuracy or ECE: {a['max_abs_diff_vs_results_json']:.2g}.\n",
              "| method | lr | accuracy | label acc. | ECE | ECE (equal width) | asim | answers "
@@ -377,7 +422,7 @@ def report(a: dict) -> str:
     if a["task"] == "sst2":
         lines += ["## Beside the paper (SST2 rows: Tables 1, 9, 12 and 13, Fig. 2)\n",
                   "The paper's models and data differ from these: Qwen3-4B-Base at N=4 and Llama-3.2-1B at N=8, "
-                  f"real SST-2, 500 eval examples, 5 runs. Here: {title(a)}, {a['runs']} runs. Compare orderings and "
+                  f"real SST-2, 500 eval examples, 5 runs. Here: {title(a)}, {plural(a['runs'], 'run')}. Compare orderings and "
                   "gaps, not values.\n",
                   "| method | here: acc / ECE | paper Qwen3-4B N=4 | paper Llama-1B N=8 | here: asim | "
                   "paper asim (Qwen-4B, Llama-3B, Llama-1B) |", "|---|---|---|---|---|---|"]
@@ -422,6 +467,12 @@ def sweep_report(analyses: list) -> str:
 # -----------------------------------------------------------------------------
 
 
+def digest(path: str) -> str:
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def write(path: str, text: str):
     with open(path, "w") as f:
         f.write(text)
@@ -437,19 +488,19 @@ def run(folders: list, out: str, device: str, n_asim: int):
             raise ia2.IA2Error("eval.py draws figures with matplotlib: pip install -r requirements-dev.txt")
     analyses = []
     for folder, (meta, results, ok) in loaded.items():
-        compare = comparison(results)
+        compare = comparison(results) + disagreements(folder)
         if not ok:  # a multi-token (or only OOD-evaluated) run: the comparison alone
             write(os.path.join(folder, "report.md"), f"# Analysis: {folder}\n\n{compare}")
             print(compare + f"(written to {folder}/report.md; activations, calibration and adapter overlap are "
                   "measured for single-token runs evaluated on their own task)\n")
             continue
-        path = os.path.join(folder, "analysis.json")
+        path, results_hash = os.path.join(folder, "analysis.json"), digest(os.path.join(folder, "results.json"))
         a = ia2.read_json(path) if os.path.isfile(path) else {}
-        if "adapter" not in a:  # not written by this version of eval.py
-            a = analyse(folder, device, n_asim)
+        if a.get("results_sha256") == results_hash:
+            print(f"{folder}: reusing {path}, made from this results.json (delete it to measure again)")
+        else:  # none yet, or made from other results
+            a = dict(analyse(folder, device, n_asim), results_sha256=results_hash)
             write(path, json.dumps(a))
-        else:
-            print(f"{folder}: reusing {path}")
         plot_asim(a, os.path.join(folder, "asim.png"))
         plot_reliability(a, os.path.join(folder, "reliability.png"))
         write(os.path.join(folder, "report.md"), report(a) + "\n" + compare)

@@ -1349,8 +1349,19 @@ def test_everyday_files_are_read_like_the_canonical_one(tiny):
     (root / "rows.json").write_text(json.dumps([dict(text=t, label=labels[y]) for t, y in rows]))
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist([dict(text=t, label=y) for t, y in rows]),
                                 root / "rows.parquet")
-    for path in files + [str(root / "rows.json"), str(root / "rows.parquet")]:
+    (root / "bom.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows), encoding="utf-8-sig")
+    (root / "bom.jsonl").write_text("".join(json.dumps(dict(text=t, label=y)) + "\n" for t, y in rows),
+                                    encoding="utf-8-sig")  # a byte-order mark before the first column's name
+    files.append(write_jsonl(root / "strings.jsonl", [dict(text=t, label=str(y)) for t, y in rows]))  # "1": index 1
+    for path in files + [str(root / x) for x in ("rows.json", "rows.parquet", "bom.csv", "bom.jsonl")]:
         assert ia2.load_task(cfg, "sst2", labels, path) == want, path
+    cyrillic = ["отрицательный", "положительный"]  # labels in another script, matched as they are written
+    (root / "cyrillic.jsonl").write_text("".join(json.dumps(dict(text=t, label=cyrillic[y]), ensure_ascii=False)
+                                                 + "\n" for t, y in rows), encoding="utf-8")
+    (root / "cyrillic.csv").write_text("text,label\n" + "".join(f"{t},{cyrillic[y]}\n" for t, y in rows),
+                                       encoding="utf-8")
+    for path in (root / "cyrillic.jsonl", root / "cyrillic.csv"):
+        assert ia2.load_task(cfg, "sst2", cyrillic, str(path)) == want
     # the Hub's own column names (FinS: sentence); its label values are not converted: a label 2 is named
     fin = write_rows(root / "fin.csv", ["sentence", "label"], [(f"profit {i}", i % 2) for i in range(30)])
     pool, ev = ia2.load_task(cfg, "finsen", ["0", "1"], fin)
@@ -1425,8 +1436,26 @@ def test_lr_and_beta_are_selected_jointly_as_the_official_code_does():
     runs = {(1e-4, .1): [80, 90], (3e-4, .5): [85, 85], (1e-3, .1): [70, 99], (1e-3, .5): [84, 86.5]}
     best = ia2.summarize(rows(runs))["ia2_plus_sft"]
     assert (best["lr"], best["beta"]) == (1e-3, .5) and best["mean"]["accuracy"] == 85.25 and best["std"]["accuracy"] == 1.25
+    assert not best["tie"]
     best = ia2.summarize(rows({**runs, (1e-3, .5): [84, 86]}))["ia2_plus_sft"]  # three settings tie at 85
-    assert (best["lr"], best["beta"]) == (1e-4, .1)
+    assert (best["lr"], best["beta"]) == (1e-4, .1) and best["tie"]
+
+
+def test_a_method_that_learned_nothing_at_the_step_cap_says_what_to_raise(tiny, capsys):
+    """One epoch of N=4 in batches of 4 is one optimizer step: the tiny model still gives one answer (another
+    token than a label) to every example, at every lr (a tie). The note names the cap and what to raise; a
+    method with a run of two answers, or an adapter stopped early, gets none."""
+    p = in_process(tiny, capsys, "--n-train", "4", "--runs", "2", "--eval-size", "10", "--epochs", "1", "--lr", "1e-5",
+                   "2e-5", "--methods", "zero_shot", "sft", out="one-step")
+    assert p.returncode == 0, p.stderr
+    note = ("**Note** sft: every run gave one answer to every example, and every adapter stopped at the --epochs 1 "
+            "cap, 1 optimizer step (N=4 in batches of 4): raise --epochs (the paper: 50).")
+    assert note in p.stdout and note in (tiny["root"] / "one-step" / "results.md").read_text()
+    assert "| sft | 1e-05 (a tie) |" in p.stdout
+    cfg = ia2.Config(n_train=4, epochs=1)
+    summary = lambda one, capped: {"sst2": {"sft": dict(runs=[{}, {}], one_answer_runs=one, capped_runs=capped)}}
+    assert len(ia2.capped_notes(summary(2, 2), cfg)) == 1
+    assert ia2.capped_notes(summary(1, 2), cfg) == [] and ia2.capped_notes(summary(2, 1), cfg) == []
 
 
 def test_a_tokenizer_that_reads_one_character_at_a_time_is_warned_about(model, capsys):
@@ -1687,10 +1716,23 @@ def test_ctrl_c_while_adapters_are_saved_keeps_the_method_s_results(tiny, monkey
     assert [x["run"] for x in res["rows"] if x["method"] == "sft"] == [0, 1]
 
 
-def test_cli_flags_parse():
+def test_cli_flags_parse(capsys):
     cfg = ia2.parse_args(["--lr", "1e-3", "--labels", " negative", " positive", "--n-train", "8"])
     assert cfg.lr == [1e-3] and cfg.labels == [" negative", " positive"] and cfg.n_train == 8
     assert ia2.parse_args([]).lr == (1e-4, 3e-4, 1e-3)  # the paper's grid by default
+    assert ia2.parse_args(["--list-tasks"]).list_tasks and not ia2.parse_args([]).list_tasks
+    with pytest.raises(SystemExit):
+        ia2.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--no-list-tasks" not in text and "('" not in text and "None" not in text  # no Python in the help
+    assert "(default: 0.1 0.5 0.7 0.9)" in text and "unset: the paper's 200" in text and "examples:\n" in text
+
+
+def test_the_base_model_alone_plans_no_adapter(tiny, capsys):
+    p = in_process(tiny, capsys, "--eval-size", "10", "--methods", "zero_shot", "icl", out="base-only")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("plan: zero_shot and icl; evaluated on 10 sst2 examples\n")
+    assert "adapter" not in p.stdout and "LoRA" not in p.stdout
 
 
 # -----------------------------------------------------------------------------
@@ -1783,6 +1825,43 @@ def test_eval_end_to_end_report_figures_and_sweep(tiny, capsys):
     p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(tiny["root"] / "nothing")],
                        capture_output=True, text=True, cwd=tiny["root"])
     assert p.returncode == 2 and "not a finished ia2.py run folder" in our_line(p.stderr)
+    check_disagreements(folders[1])
+    ev.main([folders[1], "--asim-examples", "5"])  # the same results.json: its analysis is reused
+    assert "reusing" in capsys.readouterr().out
+    results = os.path.join(folders[1], "results.json")
+    with open(results) as f:
+        res = json.load(f)
+    res["summary"]["sst2"].pop("ia2")  # results.json changed since the analysis: measured again
+    with open(results, "w") as f:
+        json.dump(res, f)
+    ev.main([folders[1], "--asim-examples", "5"])
+    assert "reusing" not in capsys.readouterr().out
+    assert "ia2" not in json.loads(open(os.path.join(folders[1], "analysis.json")).read())["methods"]
+
+
+def check_disagreements(folder):
+    """report.md's counts of the examples IA2→SFT and SFT answer differently, against answers.jsonl counted
+    here, and its first example of each kind."""
+    answers = [json.loads(line) for line in open(os.path.join(folder, "answers.jsonl"))]
+    right = {(a["method"], a["run"], a["index"]): a["correct"] for a in answers if a["selected"]}
+    pairs = [(right["ia2_then_sft", r, i], c) for (m, r, i), c in right.items() if m == "sft"]
+    counts = [sum(p == want for p in pairs) for want in ((True, True), (True, False), (False, True), (False, False))]
+    report = open(os.path.join(folder, "report.md")).read()
+    assert f"| sst2 | {len(pairs)} | " + " | ".join(map(str, counts)) + " |" in report
+    assert counts[1] + counts[2] > 0  # the two methods do disagree here (a high lr)
+    only = next(i for (m, r, i), c in right.items() if m == "sft" and r == 0 and right["ia2_then_sft", 0, i] and not c)
+    assert f"| sst2 | {only}: Text:" in report
+
+
+def test_eval_refuses_an_interrupted_run(tiny):
+    out = tiny["root"] / "to-interrupt"
+    assert signalled_run(tiny, out, "SIGINT", 1, "--methods", "sft").returncode == 130
+    for folder in (f"{out}.partial", f"{out}.partial/"):
+        p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), folder], capture_output=True, text=True)
+        assert p.returncode == 2 and our_line(p.stderr) == (
+            f"eval.py: error: {folder} is an interrupted run: the same ia2.py command finishes it, then analyse the "
+            "finished folder")
+    assert not os.path.exists(f"{out}.partial/analysis.json") and not os.path.exists(f"{out}.partial/report.md")
 
 
 def test_every_method_and_eval_py_on_an_ia3_run(tiny, capsys):
