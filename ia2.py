@@ -631,7 +631,7 @@ class Slots:
     adapter k. Batch row i goes through slot rows[i] (set by `routed`; None: slot 0 for every row)."""
     rows = None
 
-    def stack(self, K: int):
+    def stack(self, K: int):  # each parameter p becomes (K, *p.shape): K copies of it
         for n, p in list(self.named_parameters(recurse=False)):
             setattr(self, n, nn.Parameter(p.detach().repeat(K, *[1] * p.dim())))
 
@@ -1355,12 +1355,6 @@ def parse_args(argv=None) -> Config:
 
 
 
-def set_seed(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def pick_device(name: str, dtype: str = "auto"):
     """The device and the base model's dtype. auto: bf16 on a GPU with native bf16 (compute capability >= 8:
     A100, H100, RTX 30xx on); fp32 on older GPUs (T4, V100: bf16 is emulated there, slowly, and fp16's range
@@ -1380,9 +1374,9 @@ Task = collections.namedtuple("Task", "name spec labels label_ids pool eval_set 
 Setup = collections.namedtuple("Setup", "cfg tok model task evals")  # what the run shares; task: --task's
 
 
-def setup(cfg: Config) -> Setup:
-    """Everything that can fail on the user's input fails here, before anything is written; the checks of the
-    flags and the data come before the model loads."""
+def check_tasks(cfg: Config) -> tuple:
+    """The run's eval tasks, all its tasks and their local files, once --task, --eval-tasks, --labels and
+    --data agree (also sweep.py's check of a cell)."""
     names, multi = list(dict.fromkeys(cfg.eval_tasks or [cfg.task])), TASKS[cfg.task]["labels"] is None
     tasks, files = list(dict.fromkeys([cfg.task] + names)), {}
     if any((TASKS[n]["labels"] is None) != multi for n in names) or cfg.labels and multi:
@@ -1394,6 +1388,14 @@ def setup(cfg: Config) -> Setup:
         if name not in tasks:
             raise IA2Error(f"--data {d}: {name} is neither --task nor one of --eval-tasks")
         files[name] = path
+    return names, tasks, files
+
+
+def setup(cfg: Config) -> Setup:
+    """Everything that can fail on the user's input fails here, before anything is written; the checks of the
+    flags and the data come before the model loads."""
+    names, tasks, files = check_tasks(cfg)
+    multi = TASKS[cfg.task]["labels"] is None
     check_model(cfg.model)
     check_hub(cfg, tasks, files)
     labels = {n: list(cfg.labels) if cfg.labels else TASKS[n]["labels"] for n in tasks}
@@ -1541,7 +1543,7 @@ def label_answers(pred, ev: Task, tok) -> list:
     the paper's ECE (renormalised over the top 10), each label's probability, and whether it is right."""
     top_p, top_id, label_p = pred
     right = top1_label(top_id, tok, ev.labels) == ev.gold
-    six = lambda x: round(float(x), 6)  # noqa: E731
+    six = lambda x: round(float(x), 6)  # six digits: enough, and a smaller file
     return [dict(index=i, gold=ev.labels[g], top1=tok.decode([int(top_id[i, 0])]), p_top1=six(top_p[i, 0]),
                  confidence=six(top_p[i, 0] / top_p[i].sum()), correct=bool(right[i]),
                  label_p={s: six(p) for s, p in zip(ev.labels, label_p[i])}) for i, g in enumerate(ev.gold)]
@@ -1719,43 +1721,50 @@ def majority(labels: list, gold: np.ndarray) -> dict:
 
 
 def table(results: dict, ev: Task) -> str:
-    """One eval task's table: the majority-class row, then each method's metrics, what it answers (a method
-    that gives one answer to every example in some run is marked) and the dev-selected lr."""
-    answers = "/".join((ev.labels or []) + ["other"])
-    lines = ["| method | lr (β) | accuracy | label acc. | ECE | ECE (equal width) | lr (dev-selected) | "
-             f"accuracy (dev-selected) | answers {answers} (%) |", "|---" * 9 + "|"]
-    if ev.labels:
+    """One eval task's table: each method's metrics at its selected setting, the dev-selected lr and its
+    accuracy; for a single-token task also the majority-class row and what each method answers (a method that
+    gives one answer to every example in some run is marked)."""
+    head = ["method", "lr (β)", "accuracy", "lr (dev-selected)", "accuracy (dev-selected)"]
+    rows, single = [], ev.labels is not None
+    if single:
+        head[3:3] = ["label acc.", "ECE", "ECE (equal width)"]
+        head.append(f"answers {'/'.join(ev.labels + ['other'])} (%)")
         maj = majority(ev.labels, ev.gold)
         always = "/".join("100" if x == maj["label"] else "0" for x in ev.labels)
-        lines.append(f"| majority class (always {maj['label']!r}) | – | {maj['accuracy']:.1f} | "
-                     f"{maj['accuracy']:.1f} | – | – | – | – | {always}/0 |")
+        rows.append([f"majority class (always {maj['label']!r})", "–", f"{maj['accuracy']:.1f}",
+                     f"{maj['accuracy']:.1f}", "–", "–", "–", "–", f"{always}/0"])
     for m, r in results.items():
         dev = ["–", "–"]
         if m in TRAINED:
             dev = [setting_name(r["dev_selected"]["lr"]), mean_std(r["dev_selected"], "accuracy")]
-        n, answers = len(r["runs"]), "–"
-        if ev.labels:
-            answers = "/".join(f"{p:.0f}" for p in r["predicted"])
+        tie = " (a tie)" * r["tie"]  # the first of the equals, as the official code takes it
+        row = [m, setting_name(r["lr"], r["beta"]) + tie, mean_std(r, "accuracy")] + dev
+        if single:
+            row[3:3] = [mean_std(r, "label_accuracy"), mean_std(r, "ece", "{:.3f}"),
+                        mean_std(r, "ece_equal_width", "{:.3f}")]
+            n, answers = len(r["runs"]), "/".join(f"{p:.0f}" for p in r["predicted"])
             if r["one_answer_runs"]:
                 answers += f" **one answer in {r['one_answer_runs']}/{n} run{'s' * (n > 1)}**"
-        tie = " (a tie)" * r["tie"]  # the first of the equals, as the official code takes it
-        lines.append(f"| {m} | {setting_name(r['lr'], r['beta'])}{tie} | {mean_std(r, 'accuracy')} | "
-                     f"{mean_std(r, 'label_accuracy')} | {mean_std(r, 'ece', '{:.3f}')} | "
-                     f"{mean_std(r, 'ece_equal_width', '{:.3f}')} | {' | '.join(dev)} | {answers} |")
-    what = ("top-1 accuracy and label accuracy in %, ECE as a fraction" if ev.labels else
+            row.append(answers)
+        rows.append(row)
+    what = ("top-1 accuracy and label accuracy in %, ECE as a fraction" if single else
             "accuracy: exact match of the parsed answer, in %")
-    return "\n".join(lines) + (f"\n\n{what}; mean ± std over runs. lr (β): selected on the eval set by mean "
-                               "accuracy, as the paper does; dev-selected: the lowest mean dev loss. "
-                               "answers: how often the top-1 token is each label or another one.")
+    lines = ["| " + " | ".join(x) + " |" for x in [head] + rows]
+    lines.insert(1, "|---" * len(head) + "|")
+    note = (f"{what}; mean ± std over runs. lr (β): selected on the eval set by mean accuracy, as the paper "
+            "does; dev-selected: the lowest mean dev loss.")
+    if single:
+        note += " answers: how often the top-1 token is each label or another one."
+    return "\n".join(lines) + "\n\n" + note
 
 
 def capped_notes(summary: dict, cfg: Config) -> list:
     """A line for each method that gave one answer to every example in every run while every one of its
-    adapters stopped at the --epochs cap: it may have had too few optimizer steps to learn anything."""
+    adapters stopped at an --epochs cap below the paper's 50: it may have had too few steps to learn."""
     notes, steps = [], cfg.epochs * math.ceil(cfg.n_train / cfg.batch_size)
     for m, r in summary.get(cfg.task, {}).items():
         n = len(r["runs"])
-        if m in TRAINED and r["one_answer_runs"] == n and r["capped_runs"] == n:
+        if m in TRAINED and r["one_answer_runs"] == n and r["capped_runs"] == n and cfg.epochs < 50:
             notes.append(f"{m}: every run gave one answer to every example, and every adapter stopped at the "
                          f"--epochs {cfg.epochs} cap, {steps} optimizer step{'s' * (steps > 1)} "
                          f"(N={cfg.n_train} in batches of {min(cfg.batch_size, cfg.n_train)}): "
@@ -1773,10 +1782,6 @@ class Terminated(KeyboardInterrupt):
 
 def terminate(signum, frame):
     raise Terminated()
-
-
-def stop_name(e: KeyboardInterrupt) -> str:
-    return "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
 
 
 def run_experiment(cfg: Config) -> list:
@@ -1803,9 +1808,12 @@ def run_experiment(cfg: Config) -> list:
     try:
         run_methods(S, methods, finished, tmp, rows, timing)
     except KeyboardInterrupt as e:
+        for s in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the saving short
+            signal.signal(s, signal.SIG_IGN)
         write_outputs(S, tmp, rows, times(), interrupted=True)
-        print(f"ia2.py: {stop_name(e)}; the adapters and results finished so far are in {tmp}/, and the same "
-              "command resumes it", file=sys.stderr)
+        what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"ia2.py: {what}; the adapters and results finished so far are in {tmp}/, and the same command "
+              "resumes it", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
     except BaseException:
         if not finished:  # an error: no half-written output (a resumed run keeps what it had)
@@ -2010,7 +2018,8 @@ def main(argv=None):
         print(f"ia2.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:  # before the run began: run_experiment says what was kept after that
-        print(f"ia2.py: {stop_name(e)} before the run began; nothing was written", file=sys.stderr)
+        what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"ia2.py: {what} before the run began; nothing was written", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
     finally:
         signal.signal(signal.SIGINT, sigint)

@@ -1041,14 +1041,14 @@ def cli(tiny, *args, out="out"):
 
 def library_lines(stderr: str) -> list:
     """What a run's stderr holds besides ia2.py's own lines: a library's warning, a progress bar."""
-    return [line for line in stderr.splitlines() if not line.startswith(("ia2.py:", "eval.py:"))]
+    return [line for line in stderr.splitlines() if not line.startswith(("ia2.py:", "eval.py:", "sweep.py:"))]
 
 
 def our_line(stderr: str) -> str:
     """The one line of ours (ia2.py: / eval.py:) on a failed run's stderr, which holds no traceback. A line a
     library adds is not what these tests are about (that a normal run prints none: the two test_cli_* runs)."""
     assert "Traceback" not in stderr, stderr
-    ours = [line for line in stderr.splitlines() if line.startswith(("ia2.py:", "eval.py:"))]
+    ours = [line for line in stderr.splitlines() if line.startswith(("ia2.py:", "eval.py:", "sweep.py:"))]
     assert len(ours) == 1, stderr
     return ours[0]
 
@@ -1456,6 +1456,7 @@ def test_a_method_that_learned_nothing_at_the_step_cap_says_what_to_raise(tiny, 
     summary = lambda one, capped: {"sst2": {"sft": dict(runs=[{}, {}], one_answer_runs=one, capped_runs=capped)}}
     assert len(ia2.capped_notes(summary(2, 2), cfg)) == 1
     assert ia2.capped_notes(summary(1, 2), cfg) == [] and ia2.capped_notes(summary(2, 1), cfg) == []
+    assert ia2.capped_notes(summary(2, 2), ia2.Config(n_train=4, epochs=50)) == []  # the paper's cap: not the cause
 
 
 def test_a_tokenizer_that_reads_one_character_at_a_time_is_warned_about(model, capsys):
@@ -1629,6 +1630,34 @@ def test_the_same_command_resumes_an_interrupted_run_and_ends_as_an_uninterrupte
         return sorted((x["method"], x["run"], x["accuracy"], x["ece"], x.get("dev_loss"), x.get("steps"))
                       for x in res["rows"])
     assert rows("resumed") == rows("whole") and len(rows("whole")) == 5
+
+
+SECOND_SIGNAL = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.path.insert(0, {here!r})
+import ia2
+save, write = ia2.save_adapter, ia2.write_outputs
+def save_then_signal(*args, **kwargs):
+    save(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C, after the first saved adapter
+def write_then_signal(*args, **kwargs):
+    if kwargs.get("interrupted"):
+        os.kill(os.getpid(), signal.SIGINT)  # a second one while the .partial is being written
+    return write(*args, **kwargs)
+ia2.save_adapter, ia2.write_outputs = save_then_signal, write_then_signal
+ia2.main(sys.argv[1:])
+"""
+
+
+def test_a_second_ctrl_c_while_the_partial_is_written_changes_nothing(tiny):
+    out = tiny["root"] / "twice-ctrl-c"
+    p = subprocess.run([sys.executable, "-c", SECOND_SIGNAL.format(here=HERE), "--model", tiny["model"], "--data",
+                        tiny["data"], "--out", str(out), "--runs", "2", "--eval-size", "10", "--lr", "1e-3", "--epochs",
+                        "2", "--methods", "sft"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 130 and our_line(p.stderr).startswith("ia2.py: interrupted; the adapters and results")
+    res = json.loads((tiny["root"] / "twice-ctrl-c.partial" / "results.json").read_text())  # whole, readable
+    assert res["interrupted"] and [x["run"] for x in res["rows"]] == [0, 1]
 
 
 def test_two_interruptions_then_a_finish_equal_an_uninterrupted_run(tiny, capsys):
