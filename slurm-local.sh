@@ -7,7 +7,8 @@
 #   bash slurm-local.sh stop DIR
 #
 # No cgroups (proctrack/linuxproc, task/none) and no accounting database: `sacct` has nothing, `squeue`
-# and `scontrol show job` have the state. Jobs run as the user who submits them.
+# and `scontrol show job` have the state. Jobs run as the user who submits them. A requeued job waits
+# cred_expire + 1 seconds before it may start again (Slurm's default 120, here 10).
 set -euo pipefail
 cmd=${1:?start or stop}
 dir=$(realpath -m "${2:?a folder for the cluster\'s config, state and logs}")
@@ -22,6 +23,7 @@ ClusterName=ia2local
 SlurmctldHost=$host
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -34,7 +36,7 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
-NodeName=$host CPUs=$(nproc) RealMemory=$memory State=UNKNOWN
+NodeName=$host CPUs=$(nproc --all) RealMemory=$memory State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
     if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
@@ -43,6 +45,13 @@ EOF
     fi
     slurmctld -f "$dir/slurm.conf"
     slurmd -f "$dir/slurm.conf"
+    sleep 1
+    for daemon in slurmctld slurmd; do  # ours, running (not another cluster's, on the same ports)
+        if ! kill -0 "$(cat "$dir/$daemon.pid" 2>/dev/null || echo 0)" 2>/dev/null; then
+            echo "slurm-local.sh: $daemon did not start (another Slurm on its port?); see $dir/log/" >&2
+            exit 1
+        fi
+    done
     for _ in $(seq 60); do
         if SLURM_CONF="$dir/slurm.conf" sinfo -h -o %t 2>/dev/null | grep -qx idle; then
             echo "a one-node Slurm cluster is up: export SLURM_CONF=$dir/slurm.conf"
@@ -56,7 +65,12 @@ EOF
 stop)
     for daemon in slurmd slurmctld; do
         if [ -f "$dir/$daemon.pid" ]; then
-            kill "$(cat "$dir/$daemon.pid")" 2>/dev/null || true
+            pid=$(cat "$dir/$daemon.pid")
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 100); do  # gone, and its port free for the next cluster
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.1
+            done
         fi
     done
     ;;

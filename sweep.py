@@ -170,10 +170,14 @@ if [ -f "$out/results.json" ]; then
 fi
 echo "== $out, array task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID," \
      "restart ${{SLURM_RESTART_COUNT:-0}}"
+trap 'echo "(the batch shell got SIGTERM too; it waits for the cell)"' TERM  # and requeues it below
 eval "srun $(sed -n "${{line}}p" {folder}/commands.txt)"
 code=$?
 if [ "$code" -eq 143 ]; then
-    scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+    for attempt in 1 2 3 4 5; do  # Slurm may answer "try again later" while the step ends
+        scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}" && break
+        sleep 3
+    done
 fi
 exit "$code"
 """

@@ -223,13 +223,17 @@ def test_a_slurm_job_array_with_a_requeued_cell_gives_the_local_sweep_s_tables(t
     job = re.search(r"Submitted batch job (\d+)", p.stdout).group(1)
     log = there / "logs" / "cell-0.log"
     wait("cell 0 to train", lambda: log.exists() and "| dev" in log.read_text(), every=0.02)  # 300 epochs to go
-    squeue = lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T %r"], capture_output=True, text=True,
-                                    env=slurm).stdout
+    def squeue():
+        p = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T %r"], capture_output=True, text=True, env=slurm)
+        return p.stdout if p.returncode == 0 else "(squeue failed)"
     print(f"$ squeue -j {job}  (cell 0 training)\n{squeue()}")
-    subprocess.run(["scancel", "--signal=TERM", f"{job}_0"], check=True, env=slurm)
-    wait("cell 0 to be requeued", lambda: re.search(rf"{job}_0 PENDING", squeue()))
+    wait("scancel to signal cell 0", lambda: subprocess.run(["scancel", "--signal=TERM", f"{job}_0"], env=slurm,
+                                                           capture_output=True).returncode == 0, timeout=30, every=0.5)
+    wait("cell 0 to be requeued", lambda: re.search(rf"{job}_0 PENDING", squeue()), timeout=120)
     print(f"$ squeue -j {job}  (cell 0 requeued)\n{squeue()}")
-    subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], check=True, env=slurm)
+
+    # a requeued task waits (BeginTime) until the credential of its first start has expired (10 s here)
+    wait("cell 0 to start again", lambda: "restart 1" in log.read_text(), timeout=300, every=1)
     wait("the array to finish", lambda: squeue().strip() == "", every=1)
     text = log.read_text()
     print(f"$ cat {log}\n{text}")
