@@ -977,14 +977,14 @@ def generate_all(model, tok, seqs: list, max_new: int, slots=None) -> list:
 # eval); no pool: evaluation only (OOD); no eval split: the eval set is the last --eval-size records. A Hub
 # record gives the template's fields and the label (an index into `labels`) or the answer from its columns,
 # found as a local file's are (ALIASES); a task whose records need more has a `row`, None to drop a record.
-SLOTS = ["apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday"]  # App. A
+CHOICE_WORDS = ["apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday"]  # App. A
 TEXT, QA = "Text:{text}\nLabel:", "Question:{question}\nAnswer:"
 BBC = {"tech": 3, "business": 2, "sport": 1}  # AG News' label of each BBC topic; entertainment, politics: 0
 
 
 def choices(n: int) -> str:
     """The template of an n-option question, each option after its slot word (App. A; seed 42 in the code)."""
-    options = "".join(f"[{SLOTS[i]}]{{o{i}}}\n" for i in range(n))
+    options = "".join(f"[{CHOICE_WORDS[i]}]{{o{i}}}\n" for i in range(n))
     return "Question:{question}\nChoices:\n" + options + "\nAnswer:"
 
 
@@ -1043,9 +1043,9 @@ TASKS = {
     "bbcnews": dict(paper="BBCN", hub=("SetFit/bbc-news", None), splits=(None, "test"), template=TEXT,
                     labels=["0", "1", "2", "3"], row=bbcnews_row),
     "sciq_remap": dict(paper="SciQr", hub=("allenai/sciq", None), splits=("train", "validation"),
-                       template=choices(4), labels=SLOTS[:4], row=sciq_row),
+                       template=choices(4), labels=CHOICE_WORDS[:4], row=sciq_row),
     "qasc_remap": dict(paper="QASCr", hub=("allenai/qasc", None), splits=(None, "validation"),
-                       template=choices(8), labels=SLOTS, row=qasc_row),
+                       template=choices(8), labels=CHOICE_WORDS, row=qasc_row),
     "gsm8k": dict(paper="GSM8K", hub=("openai/gsm8k", "main"), splits=("train", "test"), template=QA,
                   labels=None, gen=200),
     "gsm8ks": dict(paper="GSM8Ks", hub=("apple/GSM-Symbolic", "main"), splits=(None, "test"), template=QA,
@@ -1352,7 +1352,6 @@ def parse_args(argv=None) -> Config:
             if f.metadata["ok"] and v is not None and not f.metadata["ok"][0](v):
                 raise IA2Error(f"--{f.name.replace('_', '-')} {v}: must be {f.metadata['ok'][1]}")
     return cfg
-
 
 
 def pick_device(name: str, dtype: str = "auto"):

@@ -42,8 +42,11 @@ PAPER = dict(zero_shot="zero-shot", icl="ICL", sft="SFT", sft_icl="SFT (ICL resp
 def read_grid(path: str) -> dict:
     try:
         import tomllib
-    except ImportError:  # Python < 3.11
-        raise ia2.IA2Error("sweep.py reads its grid with Python 3.11's tomllib (on 3.10: pip install tomli)")
+    except ImportError:  # Python < 3.11: the same parser, as the package tomli
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ia2.IA2Error("sweep.py reads its grid with Python 3.11's tomllib (on 3.10: pip install tomli)")
     if not os.path.isfile(path):
         raise ia2.IA2Error(f"{path}: no such grid file")
     try:

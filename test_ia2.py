@@ -876,11 +876,11 @@ def test_hub_task_loaders_read_their_columns(monkeypatch, name):
             seen.add((split, i))
             assert x.startswith(task["template"].split("{")[0] + f"{split} {i}")  # the template, filled in
             if name == "sciq_remap":  # the correct answer sits in the slot of the label word
-                assert f"[{ia2.SLOTS[y]}]right{i}\n" in x and x.endswith("\n\nAnswer:")
+                assert f"[{ia2.CHOICE_WORDS[y]}]right{i}\n" in x and x.endswith("\n\nAnswer:")
             else:
                 assert y == expect(i) and expect(i) is not None
             if name == "qasc_remap":
-                assert f"[{ia2.SLOTS[y]}]c{i}{y}\n" in x and "[Monday]c" in x
+                assert f"[{ia2.CHOICE_WORDS[y]}]c{i}{y}\n" in x and "[Monday]c" in x
             if name == "bbcnews" and i % 2:  # 400+ characters, cut to <= 256 at a word boundary
                 assert 250 < len(x) - len("Text:\nLabel:") <= 256 and x.endswith(" word\nLabel:")
     assert len(seen) == len(pool) + len(ev)  # no record both in the pool and in the eval set
@@ -915,14 +915,15 @@ def test_loaders_order_their_records_as_the_official_ones(monkeypatch):
                                                                    for i in range(40)]}
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda hub, split=None, **where: datasets.Dataset.from_list(fake[hub, split]))
-    pool, ev = ia2.load_task(ia2.Config(eval_size=500, pool_size=2000), "sciq_remap", ia2.SLOTS[:4])
+    pool, ev = ia2.load_task(ia2.Config(eval_size=500, pool_size=2000), "sciq_remap", ia2.CHOICE_WORDS[:4])
     slots = lambda x: " ".join(re.findall(r"\]([^\n]*)\n", x))
     assert [slots(x) for x, _ in pool[:5]] == ["C d1 d2 d3", "d2 d1 C d3", "d3 d2 d1 C", "d1 d2 d3 C", "C d3 d2 d1"]
-    assert [ia2.SLOTS[y] for _, y in pool[:10]] == ["apple", "banana", "Saturday", "Saturday", "apple", "Saturday",
-                                                     "apple", "Saturday", "banana", "banana"]
+    words = lambda rows: [ia2.CHOICE_WORDS[y] for _, y in rows]
+    assert words(pool[:10]) == ["apple", "banana", "Saturday", "Saturday", "apple", "Saturday", "apple", "Saturday",
+                                "banana", "banana"]
     assert [slots(x) for x, _ in ev[:3]] == ["d2 C d3 d1", "d2 C d1 d3", "d2 C d1 d3"]
-    assert [ia2.SLOTS[y] for _, y in ev[:10]] == ["Friday", "Friday", "Friday", "Saturday", "Friday", "banana",
-                                                   "apple", "apple", "banana", "Saturday"]
+    assert words(ev[:10]) == ["Friday", "Friday", "Friday", "Saturday", "Friday", "banana", "apple", "apple", "banana",
+                              "Saturday"]
     ids = lambda rows: [int(re.search(r"(\d+)\n", x).group(1)) for x, _ in rows]
     pool, ev = ia2.load_task(ia2.Config(eval_size=10), "strategytf", ["0", "1"])
     assert ids(pool) == [15, 31, 5, 22, 36, 23, 37, 11, 19, 21, 6, 29, 28, 16, 26, 18, 32, 27, 30, 9, 35, 20, 10, 0,
