@@ -977,7 +977,8 @@ def generate_all(model, tok, seqs: list, max_new: int, slots=None) -> list:
 # eval); no pool: evaluation only (OOD); no eval split: the eval set is the last --eval-size records. A Hub
 # record gives the template's fields and the label (an index into `labels`) or the answer from its columns,
 # found as a local file's are (ALIASES); a task whose records need more has a `row`, None to drop a record.
-CHOICE_WORDS = ["apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday"]  # App. A
+# App. A: the word before each option of a multiple-choice question, and its label
+CHOICE_WORDS = ["apple", "Friday", "banana", "Saturday", "Thursday", "Sunday", "Wednesday", "Monday"]
 TEXT, QA = "Text:{text}\nLabel:", "Question:{question}\nAnswer:"
 BBC = {"tech": 3, "business": 2, "sport": 1}  # AG News' label of each BBC topic; entertainment, politics: 0
 

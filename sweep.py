@@ -46,7 +46,8 @@ def read_grid(path: str) -> dict:
         try:
             import tomli as tomllib
         except ImportError:
-            raise ia2.IA2Error("sweep.py reads its grid with Python 3.11's tomllib (on 3.10: pip install tomli)")
+            raise ia2.IA2Error("sweep.py reads its grid with tomllib (Python 3.11); on 3.10, pip install "
+                               "tomli")
     if not os.path.isfile(path):
         raise ia2.IA2Error(f"{path}: no such grid file")
     try:
